@@ -1,0 +1,72 @@
+"""Training-stage config section: batch, length, precision, checkpoints, init mode, monitoring."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from kotodama_core.schema import StrictModel
+
+
+class CheckpointConfig(StrictModel):
+    every_steps: int = 1000
+    keep_last: int = 3
+    milestones: list[int] = []
+
+
+class InitConfig(StrictModel):
+    """scratch: fresh init; resume: full state; weights: weights only, fresh optimizers, schedule from
+    step 0 (bcpt); nca_transfer: keep every NCA tensor but the embedding/output head."""
+
+    mode: Literal["scratch", "resume", "weights", "nca_transfer"] = "scratch"
+    checkpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "InitConfig":
+        if self.mode in ("weights", "nca_transfer") and not self.checkpoint:
+            raise ValueError(f"init.mode={self.mode!r} needs init.checkpoint (a .pt.zst path)")
+        return self
+
+
+class MonitorConfig(StrictModel):
+    enabled: bool = True
+    every_steps: int = 75
+    layers: list[int] = [0, 7, 14, 21, 27]
+    probe_batch: int = 4
+    probe_seq_len: int = 512
+
+
+class TrainConfig(StrictModel):
+    seed: int = 0
+    seq_len: int = 4096
+    micro_batch: int = 16
+    global_batch_tokens: int = 2_097_152
+    steps: int = 81_252
+    grad_clip: float = 1.0
+    # auto: bf16 autocast on CUDA, fp32 on CPU.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    nproc: int = 1
+    log_every: int = 10
+    val_every: int = 0
+    val_batches: int = 8
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    init: InitConfig = InitConfig()
+    monitor: MonitorConfig = MonitorConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        for name in ("seq_len", "micro_batch", "global_batch_tokens", "steps", "nproc", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        return self
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        """Micro-steps per optimizer step so that micro_batch·seq_len·world·accum = global_batch_tokens."""
+        per_micro = self.micro_batch * self.seq_len * world_size
+        if self.global_batch_tokens % per_micro:
+            raise ValueError(
+                f"train.global_batch_tokens={self.global_batch_tokens} is not a multiple of "
+                f"micro_batch·seq_len·world_size = {self.micro_batch}·{self.seq_len}·{world_size} = {per_micro}")
+        return self.global_batch_tokens // per_micro
