@@ -20,13 +20,10 @@ class InitConfig(StrictModel):
     step 0 (bcpt); nca_transfer: keep every NCA tensor but the embedding/output head."""
 
     mode: Literal["scratch", "resume", "weights", "nca_transfer"] = "scratch"
+    # A .pt.zst file; or leave empty and pass the stage an `init` input (a training artifact folder).
     checkpoint: str | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> "InitConfig":
-        if self.mode in ("weights", "nca_transfer") and not self.checkpoint:
-            raise ValueError(f"init.mode={self.mode!r} needs init.checkpoint (a .pt.zst path)")
-        return self
+    # Which checkpoint of an `init` training artifact: a step (e.g. the 72000 milestone) or None = final.
+    step: int | None = None
 
 
 class MonitorConfig(StrictModel):
@@ -35,6 +32,7 @@ class MonitorConfig(StrictModel):
     layers: list[int] = [0, 7, 14, 21, 27]
     probe_batch: int = 4
     probe_seq_len: int = 512
+    probe_seed: int = 1234
 
 
 class TrainConfig(StrictModel):

@@ -1,0 +1,297 @@
+"""The training loop: one function driven by a RunConfig, single process or torchrun DDP.
+
+Everything a step depends on (weights, both optimizer states, data position, RNG) is in the checkpoint,
+so a run restarted from `step_N` continues exactly as the uninterrupted run would have (bit for bit on
+CPU). Restarting is automatic: the newest readable checkpoint in the work folder wins over `init`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kotodama_core.config import RunConfig, digest
+from kotodama_core.data.loader import TokenLoader
+from kotodama_core.model import KotodamaLM
+from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
+from kotodama_core.train import checkpoint as ckpt
+from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
+                                             init_distributed)
+from kotodama_core.train.init import load_weights_strict, nca_transfer, read_weights
+from kotodama_core.train.throughput import model_flops_per_token, peak_flops
+
+MetricsSink = Callable[[dict[str, float], int], None]
+
+# Fault injection for tests and drills: the main process SIGKILLs itself right after this step's checkpoint.
+FAULT_KILL_ENV = "KOTODAMA_FAULT_KILL_AT_STEP"
+
+
+class TrainingError(RuntimeError):
+    """The run cannot start or go on (data/config mismatch, non-finite loss, ...)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    final_loss: float
+    val_loss: float | None
+    resumed_from: int | None
+    checkpoints: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, before_step: int) -> None:
+    """Drop records logged at or after `before_step` (a killed run may have logged past its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", -1) < before_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _loader_for(cfg: RunConfig, data_dir: Path, info: DistInfo) -> TokenLoader:
+    loader = TokenLoader(data_dir, split="train", batch_size=cfg.train.micro_batch, rank=info.rank,
+                         world_size=info.world_size, seed=cfg.train.seed)
+    if loader.window != cfg.train.seq_len + 1:
+        raise TrainingError(
+            f"data windows hold {loader.window} tokens but train.seq_len={cfg.train.seq_len} needs "
+            f"{cfg.train.seq_len + 1}: rebuild the data with seq_len={cfg.train.seq_len} or change train.seq_len")
+    return loader
+
+
+def _check_vocab(cfg: RunConfig, data_dir: Path) -> None:
+    from kotodama_core.artifacts import read_manifest
+    vocab = read_manifest(data_dir).data.get("vocab_size")
+    if vocab is not None and vocab > cfg.model.vocab_size:
+        raise TrainingError(f"data vocabulary ({vocab}) exceeds model.vocab_size ({cfg.model.vocab_size})")
+
+
+def _initial_weights(model: KotodamaLM, cfg: RunConfig, init_path: Path | None) -> str:
+    mode = cfg.train.init.mode
+    if mode == "scratch":
+        return "scratch"
+    if init_path is None:
+        raise TrainingError(f"train.init.mode={mode!r} needs a checkpoint: set train.init.checkpoint or "
+                            "pass an `init` input")
+    state = read_weights(init_path)
+    if mode == "nca_transfer":
+        nca_transfer(model, state, str(init_path))
+    else:  # weights, and resume-from-file's weights (its optimizer state is loaded separately)
+        load_weights_strict(model, state, str(init_path))
+    return f"{mode}:{init_path}"
+
+
+def _probe_batch(cfg: RunConfig, data_dir: Path) -> torch.Tensor | None:
+    mon = cfg.train.monitor
+    loader = TokenLoader(data_dir, split="val", batch_size=mon.probe_batch, seed=mon.probe_seed)
+    for batch in loader.iter_eval_batches(mon.probe_batch):
+        return batch[:, : min(mon.probe_seq_len, batch.shape[1] - 1)]
+    return None
+
+
+@torch.no_grad()
+def evaluate_loss(model: KotodamaLM, data_dir: Path, cfg: RunConfig, device: torch.device,
+                  max_batches: int) -> float | None:
+    """Mean cross-entropy (nats/token, z-loss excluded) over up to `max_batches` val batches."""
+    loader = TokenLoader(data_dir, split="val", batch_size=cfg.train.micro_batch, seed=cfg.train.seed)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with _autocast(cfg, device):
+        for i, batch in enumerate(loader.iter_eval_batches(cfg.train.micro_batch)):
+            if i >= max_batches:
+                break
+            batch = batch.to(device)
+            _, parts = model(batch[:, :-1], batch[:, 1:])
+            total += float(parts["ce"]) * batch[:, 1:].numel()
+            count += batch[:, 1:].numel()
+    model.train(was_training)
+    return total / count if count else None
+
+
+@dataclass
+class RunState:
+    """What a training run starts from: built model, optimizer and loader, positioned at `start_step`."""
+
+    model: KotodamaLM
+    optimizer: Any
+    loader: TokenLoader
+    start_step: int
+    tokens_seen: int
+    origin: str
+    resumed: bool
+
+
+def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
+                init_path: Path | None = None) -> RunState:
+    """Build model, optimizer and loader; resume from the newest checkpoint in `work`, else apply init."""
+    _check_vocab(cfg, data_dir)
+    torch.manual_seed(cfg.train.seed)
+    model = KotodamaLM(cfg.model).to(info.device)
+    loader = _loader_for(cfg, data_dir, info)
+    resumed = ckpt.load_latest_checkpoint(work / "checkpoints")
+    if resumed is None and cfg.train.init.mode == "resume":
+        if init_path is None:
+            raise TrainingError("train.init.mode='resume' needs a checkpoint: set train.init.checkpoint or "
+                                "pass an `init` input")
+        state = ckpt.load_pt_zst(init_path)
+        resumed = (int(state["step"]), state)
+    if resumed is None:
+        origin = _initial_weights(model, cfg, init_path)
+        return RunState(model, build_optimizer(model, cfg.optim), loader, 0, 0, origin, False)
+    start_step, state = resumed
+    if state.get("model_digest", digest(cfg.section("model"))) != digest(cfg.section("model")):
+        raise TrainingError(f"checkpoint step {start_step} was written for another model config; "
+                            "resume needs the same model section")
+    load_weights_strict(model, state["model"], f"checkpoint step {start_step}")
+    optimizer = build_optimizer(model, cfg.optim)
+    optimizer.load_state_dict(state["optimizer"])
+    loaders = state["loader"]
+    if len(loaders) != info.world_size:
+        raise TrainingError(f"checkpoint step {start_step} was written by {len(loaders)} ranks; this run has "
+                            f"{info.world_size}: restart with --nproc_per_node {len(loaders)}")
+    loader.load_state_dict(loaders[info.rank])
+    ckpt.set_rng_state(state["rng"][info.rank])
+    return RunState(model, optimizer, loader, start_step, int(state["tokens_seen"]), f"resume:{start_step}", True)
+
+
+def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None = None,
+          on_metrics: MetricsSink | None = None, info: DistInfo | None = None) -> TrainResult:
+    """Train per `cfg` on the data artifact `data_dir`, checkpointing into `work/checkpoints`."""
+    info = info or init_distributed()
+    device = info.device
+    tcfg = cfg.train
+    accum = tcfg.grad_accum_steps(info.world_size)
+    total_steps = tcfg.steps
+    ckdir = work / "checkpoints"
+    metrics_path, geo_path = work / "metrics.jsonl", work / "geo_metrics.jsonl"
+    run = prepare_run(cfg, data_dir, work, info, init_path)
+    model, optimizer, loader = run.model, run.optimizer, run.loader
+    start_step, tokens_seen = run.start_step, run.tokens_seen
+    if info.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        _truncate_jsonl(metrics_path, start_step)
+        _truncate_jsonl(geo_path, start_step)
+
+    fwd = model
+    if info.distributed:
+        fwd = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tcfg.compile:
+        fwd = torch.compile(fwd)
+
+    monitor, probe = None, None
+    layers = [i for i in tcfg.monitor.layers if i < cfg.model.num_layers]
+    if tcfg.monitor.enabled and info.is_main:
+        from kotodama_core.train.monitor import monitor_metrics
+        monitor = monitor_metrics
+        probe = _probe_batch(cfg, data_dir)
+        if probe is not None:
+            probe = probe.to(device)
+
+    flops_token = model_flops_per_token(cfg.model, tcfg.seq_len)
+    peak = peak_flops(device)
+    fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
+    milestones = set(tcfg.checkpoint.milestones)
+    written: list[str] = []
+    last_loss = math.nan
+    model.train()
+    t_last, steps_since_log = time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        mult = wsd_lr_multiplier(step, total_steps, cfg.schedule)
+        optimizer.set_lr_multiplier(mult)
+        sums = torch.zeros(2, device=device)  # loss, ce summed over micro-steps
+        for micro in range(accum):
+            batch = loader.next_batch().to(device, non_blocking=True)
+            sync = info.distributed and micro < accum - 1
+            with (fwd.no_sync() if sync and hasattr(fwd, "no_sync") else nullcontext()):
+                with _autocast(cfg, device):
+                    loss, parts = fwd(batch[:, :-1], batch[:, 1:])
+                (loss / accum).backward()
+            sums += torch.stack([loss.detach().float(), parts["ce"].detach().float()])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += tcfg.global_batch_tokens
+        steps_since_log += 1
+        mean_loss, mean_ce = (float(v) for v in all_reduce_mean(sums / accum, info))
+        last_loss = mean_loss
+        if not math.isfinite(mean_loss):
+            raise TrainingError(f"loss is {mean_loss} at step {step}; stopping before the weights are saved")
+        done = step + 1
+        if info.is_main and (step % tcfg.log_every == 0 or done == total_steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            dt = (now - t_last) / steps_since_log
+            t_last, steps_since_log = now, 0
+            tok_s = tcfg.global_batch_tokens / dt
+            record = {"step": step, "loss": mean_loss, "ce": mean_ce, "lr_mult": mult,
+                      "lr_muon": cfg.optim.muon.lr * mult, "lr_adamw": cfg.optim.adamw.lr * mult,
+                      "grad_norm": float(grad_norm), "tokens_seen": tokens_seen, "tokens_per_s": tok_s,
+                      "step_ms": dt * 1e3}
+            if peak:
+                record["mfu"] = tok_s * flops_token / (peak * info.world_size)
+            _append_jsonl(metrics_path, record)
+            if on_metrics:
+                on_metrics({k: v for k, v in record.items() if k != "step"}, step)
+        if monitor is not None and probe is not None and (step % tcfg.monitor.every_steps == 0
+                                                          or done == total_steps):
+            geo = monitor(model, probe, layers)
+            _append_jsonl(geo_path, {"step": step, **geo})
+            if on_metrics:
+                on_metrics(geo, step)
+        if tcfg.val_every and done % tcfg.val_every == 0 and info.is_main:
+            val = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
+            if val is not None:
+                _append_jsonl(metrics_path, {"step": step, "val_loss": val})
+                if on_metrics:
+                    on_metrics({"val_loss": val}, step)
+        if done % tcfg.checkpoint.every_steps == 0 or done in milestones or done == total_steps:
+            loader_states = gather_objects(loader.state_dict(), info)
+            rngs = gather_objects(ckpt.rng_state(), info)
+            if info.is_main:
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "tokens_seen": tokens_seen, "loader": loader_states, "rng": rngs,
+                         "config": cfg.model_dump(mode="json"), "config_digest": digest(cfg.model_dump(mode="json")),
+                         "model_digest": digest(cfg.section("model")), "total_steps": total_steps}
+                path = ckpt.save_checkpoint(ckdir, done, state, keep_last=tcfg.checkpoint.keep_last,
+                                            milestones=sorted(milestones))
+                written.append(path.name)
+            barrier(info)
+            if fault_step and done == fault_step and info.is_main:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    val_loss = None
+    if info.is_main:
+        val_loss = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
+        ckpt.save_pt_zst(model.state_dict(), work / "model.pt.zst")
+    barrier(info)
+    return TrainResult(steps=total_steps, tokens_seen=tokens_seen, final_loss=last_loss, val_loss=val_loss,
+                       resumed_from=start_step if run.resumed else None,
+                       checkpoints=[p.name for _, p in ckpt.list_checkpoints(ckdir)],
+                       metrics={"init": run.origin})

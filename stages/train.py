@@ -1,0 +1,96 @@
+"""Training stage: `python -m stages.train --config C --out DIR --input data=DATA [--input init=CKPT]`.
+
+Also the torchrun target: `torchrun --nproc_per_node N -m stages.train ...` (gloo on CPU, nccl on GPU).
+Works in `<out>.partial/` (checkpoints live there, so a restarted run resumes by itself) and renames it
+to `<out>` when training is done. Inputs: `data`, a data-stage or NCA-data artifact; `init`, optional, a
+training artifact folder (its `train.init.step` checkpoint, or its final weights) or a `.pt.zst` file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kotodama_core.artifacts import (MANIFEST, ArtifactError, Manifest, begin, commit, partial_dir,
+                                     read_manifest, sha256_file, write_manifest)
+from kotodama_core.config import RunConfig, dump_yaml
+from kotodama_core.train.checkpoint import checkpoint_name, list_checkpoints
+from kotodama_core.train.distributed import barrier, init_distributed, shutdown
+from kotodama_core.train.engine import train
+from stages.common import main
+
+SECTIONS = ("model", "optim", "schedule", "train")
+STAGE = "train"
+
+
+def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, dict[str, Manifest]]:
+    """The checkpoint file to initialise from, and the manifest to fold into this stage's digest."""
+    source = inputs.get("init")
+    if source is None:
+        if cfg.train.init.checkpoint:
+            path = Path(cfg.train.init.checkpoint).expanduser()
+            if not path.is_file():
+                raise ArtifactError(f"train.init.checkpoint {path} does not exist")
+            return path, {}
+        return None, {}
+    if source.is_file() and source.name != MANIFEST:
+        digest_of_file = Manifest(source, {"digest": sha256_file(source), "stage": "file", "outputs": []})
+        return source, {"init": digest_of_file}
+    manifest = read_manifest(source)
+    step = cfg.train.init.step
+    if step is None:
+        path = manifest.root / "model.pt.zst"
+    else:
+        path = manifest.root / "checkpoints" / checkpoint_name(step)
+        if not path.is_file():
+            have = [s for s, _ in list_checkpoints(manifest.root / "checkpoints")]
+            raise ArtifactError(f"{manifest.root} has no checkpoint for step {step}; it has steps {have}")
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist")
+    return path, {"init": manifest}
+
+
+def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
+    if "data" not in inputs:
+        raise ArtifactError("the train stage needs a `data` input (a data or NCA-data artifact)")
+    out = Path(out).resolve()
+    if (out / MANIFEST).is_file():
+        return out / MANIFEST
+    info = init_distributed()
+    try:
+        data = read_manifest(inputs["data"])
+        init_path, init_manifest = resolve_init(cfg, inputs)
+        if info.is_main:
+            begin(out, keep_partial=True)
+        barrier(info)
+        work = partial_dir(out)
+        sink = None
+        tracker = None
+        if info.is_main:
+            from stages.tracking import Tracker
+            tracker = Tracker.from_env(work)
+            tracker.log_params({f"{sec}.{k}": v for sec in SECTIONS for k, v in cfg.section(sec).items()})
+            sink = tracker.log_metrics
+        try:
+            result = train(cfg, data.root, work, init_path=init_path, on_metrics=sink, info=info)
+        finally:
+            if tracker is not None:
+                tracker.close()
+        if info.is_main:
+            (work / "config.yaml").write_text(dump_yaml(cfg))
+            metrics = {"final_loss": result.final_loss, "tokens_seen": result.tokens_seen, "steps": result.steps}
+            if result.val_loss is not None:
+                metrics["val_loss"] = result.val_loss
+            write_manifest(work, stage=STAGE, config={s: cfg.section(s) for s in SECTIONS},
+                           inputs={"data": data, **init_manifest}, metrics=metrics,
+                           extra={"model_file": "model.pt.zst", "checkpoints": result.checkpoints,
+                                  "milestones": list(cfg.train.checkpoint.milestones),
+                                  "init": result.metrics.get("init"), "resumed_from": result.resumed_from})
+            commit(out)
+        barrier(info)
+    finally:
+        shutdown(info)
+    return out / MANIFEST
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(STAGE, run))
