@@ -1,0 +1,178 @@
+"""Document cleaning: ftfy repair, then the empty and OCR-garbage filters (docs/data.md explains why).
+
+A garbage character is one of
+  (a) U+FFFD, the replacement character left by a failed decode;
+  (b) a control character (category Cc) other than tab, newline and carriage return;
+  (c) a private-use (Co), surrogate (Cs) or unassigned (Cn) code point;
+  (d) a non-ASCII symbol (category So or Sk, outside the emoji blocks U+1F000-U+1FAFF) standing in a
+      whitespace-delimited token that holds no letter or digit: the isolated specks OCR makes of dirt,
+      rules and ornaments ("■", "¦", "©", "˘" on their own).
+
+Speed. Both functions here run on every document, so neither loops over characters in Python:
+
+- `fix_text` returns exactly `ftfy.fix_text(text)` but only hands ftfy the segments that ftfy could
+  change (see `fix_text` for the proof); clean ASCII, the bulk of every corpus, is never copied.
+- `garbage_char_count` counts (a)-(c) with one table lookup per code point (numpy over the UTF-32
+  code units) and (d) with a regex that only matches symbol tokens holding such a symbol.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from functools import lru_cache
+
+import numpy as np
+
+EMPTY = "empty"
+OCR_GARBAGE = "ocr_garbage"
+
+# ---------------------------------------------------------------------------------------------------
+# ftfy fast path
+#
+# ftfy.fix_text (default config) cuts the text into segments: each line including its "\n", a line
+# longer than `max_decode_length` (1e6) cut every 1e6 characters from its start. Each segment is
+# fixed independently by `ftfy.fix_and_explain(segment, config)`, and the outputs are concatenated.
+# The only state carried between segments is `unescape_html`: "auto" until the first segment that
+# contains "<", False from that segment on.
+#
+# A segment made only of the characters below is returned unchanged by every step ftfy applies under
+# its default config (ftfy 6.3, read from its source):
+#   unescape_html        HTML_ENTITY_RE "&#?[0-9A-Za-z]{1,24};" needs "&"             -> "&" excluded
+#   fix_encoding         returns ASCII text as is (possible_encoding(text, "ascii"))
+#   fix_c1_controls      U+0080-U+009F only (non-ASCII)
+#   fix_latin_ligatures  LIGATURES: no ASCII key
+#   fix_character_width  WIDTH_MAP: no ASCII key (U+3000, U+FF01-U+FFEF)
+#   uncurl_quotes        U+02BC, U+2018-U+201F only
+#   fix_line_breaks      "\r", U+0085, U+2028, U+2029                                 -> "\r" excluded
+#   fix_surrogates       U+D800-U+DFFF only
+#   remove_terminal_escapes  ANSI_RE needs ESC (U+001B)                              -> excluded
+#   remove_control_chars CONTROL_CHARS: U+0000-U+0008, U+000B, U+000E-U+001F, U+007F, and non-ASCII
+#                        -> every C0 control but tab and newline excluded (also FF, CR: conservative)
+#   NFC normalization    identity on ASCII
+# and since nothing changed, fix_and_explain stops after one pass. So the safe set is tab, newline and
+# printable ASCII but "&"; any other character sends its whole segment to ftfy, with the
+# `unescape_html` value ftfy itself would use there. tests/test_data_cleaning.py checks
+# fix_text == ftfy.fix_text on every corpus-mix document and on adversarial cases.
+# ---------------------------------------------------------------------------------------------------
+_UNSAFE = re.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
+
+
+@lru_cache(maxsize=1)
+def _ftfy_configs():
+    import ftfy
+
+    auto = ftfy.TextFixerConfig(explain=False)  # what ftfy.fix_text uses when given no config
+    return ftfy.fix_and_explain, auto, auto._replace(unescape_html=False), auto.max_decode_length
+
+
+def fix_text(text: str) -> str:
+    """ftfy's default repair (mojibake, HTML entities, line breaks, control characters, NFC).
+
+    Identical to `ftfy.fix_text(text)`; only the segments holding a character outside the safe set
+    above are passed to ftfy.
+    """
+    m = _UNSAFE.search(text)
+    if m is None:
+        return text
+    fix_and_explain, auto, no_html, seg_max = _ftfy_configs()
+    first_lt = text.find("<")
+    out, done = [], 0
+    while m is not None:
+        p = m.start()
+        line_start = text.rfind("\n", 0, p) + 1
+        line_end = text.find("\n", p) + 1 or len(text)
+        start = line_start + (p - line_start) // seg_max * seg_max  # ftfy's segment holding p
+        end = min(start + seg_max, line_end)
+        config = auto if first_lt < 0 or first_lt >= end else no_html
+        out.append(text[done:start])
+        out.append(fix_and_explain(text[start:end], config).text)
+        done = end
+        m = _UNSAFE.search(text, end)
+    out.append(text[done:])
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# OCR garbage
+# ---------------------------------------------------------------------------------------------------
+_SYMBOL_CATEGORIES = frozenset({"So", "Sk"})
+_BAD_CATEGORIES = frozenset({"Cc", "Co", "Cs", "Cn"})
+_KEPT_CONTROLS = frozenset("\t\n\r")
+
+
+def _is_emoji(cp: int) -> bool:
+    return 0x1F000 <= cp <= 0x1FAFF
+
+
+def _char_class(codepoints: list[int]) -> str:
+    """A regex character class of the given sorted code points, as ranges."""
+    parts, i = [], 0
+    while i < len(codepoints):
+        j = i
+        while j + 1 < len(codepoints) and codepoints[j + 1] == codepoints[j] + 1:
+            j += 1
+        parts.append(f"\\U{codepoints[i]:08x}" + (f"-\\U{codepoints[j]:08x}" if j > i else ""))
+        i = j + 1
+    return "[" + "".join(parts) + "]"
+
+
+@lru_cache(maxsize=1)
+def _tables():
+    """(garbage table over all code points for (a)-(c), whitespace table, symbol-token regex for (d))."""
+    garbage = np.zeros(0x110000, dtype=bool)
+    whitespace = np.zeros(0x110000, dtype=bool)
+    symbols = []
+    space = re.compile(r"\s")
+    for cp in range(0x110000):
+        ch = chr(cp)
+        cat = unicodedata.category(ch)
+        garbage[cp] = cp == 0xFFFD or (cat in _BAD_CATEGORIES and ch not in _KEPT_CONTROLS)
+        whitespace[cp] = space.match(ch) is not None
+        # (d): such a symbol is never \w or \s (checked by the tests), so it can stand in a symbol token
+        if cp > 0x7F and cat in _SYMBOL_CATEGORIES and not _is_emoji(cp) and cp != 0xFFFD:
+            symbols.append(cp)
+    sym = _char_class(symbols)
+    # a whole whitespace-delimited token of non-word characters that holds at least one such symbol
+    token = re.compile(rf"(?<!\S)[^\s\w]*?{sym}[^\s\w]*(?!\S)")
+    return garbage, whitespace, token, re.compile(sym)
+
+
+def _codepoints(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _garbage_and_visible(text: str) -> tuple[int, int]:
+    garbage, whitespace, token, sym = _tables()
+    cps = _codepoints(text)
+    count = int(np.count_nonzero(garbage[cps]))
+    visible = cps.size - int(np.count_nonzero(whitespace[cps]))
+    if not text.isascii():
+        for tok in token.findall(text):
+            count += len(sym.findall(tok))
+    return count, visible
+
+
+def garbage_char_count(text: str) -> int:
+    """Number of garbage characters in `text`, by the definition in the module docstring."""
+    return _garbage_and_visible(text)[0]
+
+
+def ocr_garbage_fraction(text: str) -> float:
+    """garbage characters / non-whitespace characters (0.0 for a text with none of either).
+
+    Whitespace is left out of the denominator so that the blank-line layout of scanned books does not
+    dilute the noise.
+    """
+    count, visible = _garbage_and_visible(text)
+    return count / visible if visible else 0.0
+
+
+def clean_document(text: str, ocr_threshold: float) -> tuple[str, str | None]:
+    """(repaired text, drop reason or None). Reasons: `empty`, `ocr_garbage` (fraction > threshold)."""
+    fixed = fix_text(text)
+    if not fixed.strip():
+        return fixed, EMPTY
+    if ocr_garbage_fraction(fixed) > ocr_threshold:
+        return fixed, OCR_GARBAGE
+    return fixed, None

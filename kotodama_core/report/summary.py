@@ -1,0 +1,109 @@
+"""Read a run's artifacts into one JSON-able summary; every problem becomes a note, never an exception."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+LAYER_KEY = re.compile(r"^L(\d+)/(.+)$")
+
+
+def read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    if not path.is_file():
+        notes.append(f"{path.name} missing")
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            notes.append(f"{path.name}:{n} is not valid JSON (skipped)")
+    if not rows:
+        notes.append(f"{path.name} is empty")
+    return rows
+
+
+def finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def layer_profile(geo_last: dict[str, Any], suffix: str) -> dict[int, float | None]:
+    """{layer: value} for keys L{i}/{suffix} of one monitor record."""
+    out = {}
+    for key, value in geo_last.items():
+        m = LAYER_KEY.match(key)
+        if m and m.group(2) == suffix:
+            out[int(m.group(1))] = finite(value)
+    return dict(sorted(out.items()))
+
+
+def summarize_run(train_dir: Path | None, eval_dir: Path | None, name: str | None = None) -> dict[str, Any]:
+    notes: list[str] = []
+    summary: dict[str, Any] = {"name": name, "notes": notes, "metrics": [], "geo": [], "eval_rows": [],
+                               "eval_errors": {}, "val_bpb": None}
+    if train_dir is None:
+        notes.append("no training artifact given")
+    else:
+        manifest = train_dir / "manifest.json"
+        if manifest.is_file():
+            data = json.loads(manifest.read_text())
+            summary["name"] = summary["name"] or data.get("run_name") or train_dir.name
+            summary["train_digest"] = data.get("digest")
+        else:
+            notes.append(f"{train_dir}: no manifest.json")
+        summary["metrics"] = read_jsonl(train_dir / "metrics.jsonl", notes)
+        summary["geo"] = read_jsonl(train_dir / "geo_metrics.jsonl", notes)
+    if eval_dir is None:
+        notes.append("no eval artifact given")
+    elif not (eval_dir / "results.json").is_file():
+        notes.append(f"{eval_dir}: results.json missing")
+    else:
+        res = json.loads((eval_dir / "results.json").read_text())
+        summary["eval_rows"] = res.get("rows", [])
+        summary["eval_errors"] = res.get("errors", {})
+        summary["val_bpb"] = (res.get("val_bpb") or {}).get("val_bpb")
+    summary["name"] = summary["name"] or "run"
+    geo_last = summary["geo"][-1] if summary["geo"] else {}
+    summary["final_geo"] = geo_last
+    summary["profiles"] = {
+        "stable_rank": {p: layer_profile(geo_last, f"stable_rank/{p}")
+                        for p in ("q_proj", "k_proj", "o_proj", "gate_proj", "down_proj")},
+        "attn_entropy_mean": layer_profile(geo_last, "attn_entropy_mean"),
+        "attn_entropy_std": layer_profile(geo_last, "attn_entropy_std"),
+        "bos_mass": layer_profile(geo_last, "bos_mass"),
+        "anisotropy": layer_profile(geo_last, "anisotropy"),
+        "dead_units": layer_profile(geo_last, "dead_units"),
+    }
+    first_layer = min(summary["profiles"]["attn_entropy_mean"], default=None)
+    heads = {}
+    if first_layer is not None:
+        for key, value in geo_last.items():
+            m = re.match(rf"^L{first_layer}/head(\d+)/attn_entropy$", key)
+            if m:
+                heads[int(m.group(1))] = finite(value)
+    summary["head_entropy_layer"] = first_layer
+    summary["head_entropy"] = dict(sorted(heads.items()))
+    return summary
+
+
+def restore_layer_keys(summary: dict[str, Any]) -> dict[str, Any]:
+    """JSON turns the int layer/head keys into strings; turn them back after reading summary.json."""
+    def ints(d: dict) -> dict:
+        return {int(k): v for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
+
+    prof = summary["profiles"]
+    prof["stable_rank"] = {p: ints(v) for p, v in prof["stable_rank"].items()}
+    for key in list(prof):
+        if key != "stable_rank":
+            prof[key] = ints(prof[key])
+    summary["head_entropy"] = ints(summary.get("head_entropy", {}))
+    return summary

@@ -1,0 +1,60 @@
+"""Report stage: a self-contained HTML page for one run, or a comparison page for several.
+
+One run:      --input train=<training artifact> [--input eval=<eval artifact>]  -> report.html
+Comparison:   --input fc=<report artifact> --input bcpt=<report artifact> ...   -> compare.html
+              (every input is a report artifact; the input names label the columns)
+Both write summary.json (the numbers behind the page). Missing or bad data shows as a note on the page.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kotodama_core.artifacts import ArtifactError, begin, commit, write_manifest
+from kotodama_core.config import RunConfig
+from kotodama_core.report.html import compare_page, run_page
+from kotodama_core.report.summary import restore_layer_keys, summarize_run
+from stages.common import input_manifests, main
+
+SINGLE_INPUTS = ("train", "eval", "nca_train", "boundaries")
+
+
+def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
+    if not inputs:
+        raise ArtifactError("report stage needs --input train=… (one run) or several report artifacts")
+    manifests = input_manifests(inputs)
+    rc = cfg.report
+    if "train" in manifests or "eval" in manifests:
+        extra = set(manifests) - set(SINGLE_INPUTS)
+        if extra:
+            raise ArtifactError(f"report: unexpected input(s) {sorted(extra)} beside train/eval")
+        summary = summarize_run(manifests["train"].root if "train" in manifests else None,
+                                manifests["eval"].root if "eval" in manifests else None)
+        body, page_name, summaries = run_page(summary, rc.title, rc.smoothing), "report.html", [summary]
+    else:
+        summaries = []
+        for name, m in manifests.items():
+            path = m.root / "summary.json"
+            if m.stage != "report" or not path.is_file():
+                raise ArtifactError(f"report: input {name!r} is not a report artifact ({m.root})")
+            s = restore_layer_keys(json.loads(path.read_text())[0])
+            s["name"] = name
+            summaries.append(s)
+        if len(summaries) < 2:
+            raise ArtifactError("a comparison page needs at least two report artifacts")
+        body, page_name = compare_page(summaries, rc.title + " — comparison", rc.highlight_rel_diff), "compare.html"
+    work = begin(out)
+    (work / page_name).write_text(body, encoding="utf-8")
+    (work / "summary.json").write_text(json.dumps(summaries, default=_jsonable, indent=1))
+    write_manifest(work, stage="report", config={"report": cfg.section("report")}, inputs=manifests,
+                   metrics={"notes": sum(len(s["notes"]) for s in summaries)}, extra={"page": page_name})
+    return commit(out)
+
+
+def _jsonable(x):
+    return str(x)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("report", run))

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+
+from tests.data_helpers import REPO, TOKENIZER, needs_corpus
+from kotodama_core.data.tokenizer import TokenizerError, load_tokenizer, token_byte_lengths, tokenizer_sha256
+
+
+@needs_corpus
+def test_reference_encodings_match_exactly():
+    cases = json.loads((TOKENIZER / "hf_reference_cases.json").read_text())["cases"]
+    assert len(cases) == 205
+    tok = load_tokenizer(TOKENIZER / "tokenizer.json")
+    mismatches = [c["text"] for c in cases if tok.encode(c["text"], add_special_tokens=False).ids != c["ids"]]
+    assert mismatches == []
+
+
+@needs_corpus
+def test_folder_and_relative_path_load_the_same_file():
+    a = load_tokenizer(TOKENIZER)
+    b = load_tokenizer("../shared/data/smollm2-tokenizer/tokenizer.json", root=REPO)
+    assert a.to_str() == b.to_str() and a.get_vocab_size() == 49152
+    assert tokenizer_sha256(str(TOKENIZER)) == tokenizer_sha256(str(TOKENIZER / "tokenizer.json"))
+
+
+@needs_corpus
+def test_token_byte_lengths_sum_to_utf8_bytes():
+    tok = load_tokenizer(TOKENIZER)
+    lengths = token_byte_lengths(tok)
+    text = "Héllo wörld, 日本語 😀 3.14159\n\tend"
+    assert lengths[tok.encode(text, add_special_tokens=False).ids].sum() == len(text.encode("utf-8"))
+    assert lengths[0] == 0  # <|endoftext|> is not text
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="tokenizer not found"):
+        load_tokenizer(tmp_path / "nope" / "tokenizer.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TokenizerError, match="holds no tokenizer.json"):
+        load_tokenizer(tmp_path / "empty")
