@@ -75,6 +75,8 @@ def val_bpb(model, data_dir: Path, *, byte_lengths: np.ndarray | None, max_windo
         raise ValueError(f"{data_dir}: no val tokens scored")
     if byte_lengths is None:
         bpt = manifest.get("bytes_per_token")
+        if isinstance(bpt, dict):  # the data stage records it per split
+            bpt = bpt.get("val")
         if not bpt:
             raise ValueError(f"{data_dir}: no tokenizer given and the manifest has no bytes_per_token")
         total_bytes = total_tokens * float(bpt)
