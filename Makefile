@@ -28,3 +28,20 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/train_cpu.py
+
+# Local stack on 127.0.0.1: Prefect server + process work pool/worker + MLflow server.
+up: setup
+	$(PY) -m infra.stack up
+
+down:
+	$(PY) -m infra.stack down
+
+status:
+	$(PY) -m infra.stack status
+
+# The main job: stack up, kotodama/fullcorpus on the tiny preset, then bcpt from its milestone.
+demo: setup
+	$(PY) -m infra.stack demo
+
+clean: down
+	rm -rf .kotodama .stack

@@ -55,19 +55,21 @@ def random_data(folder: Path, rows: int, window: int, vocab: int) -> Path:
 def project_step(args, attn_res: bool, batch: int, steps: int, compile_: bool = True) -> dict:
     overrides = {"train.seq_len": args.seq, "train.micro_batch": batch,
                  "train.global_batch_tokens": batch * args.seq, "train.steps": steps, "train.log_every": 1,
-                 "train.compile": compile_, "train.precision": "bf16", "train.monitor.enabled": False,
+                 "train.compile": compile_, "train.precision": "bf16" if args.device == "cuda" else "fp32", "train.monitor.enabled": False,
                  "train.checkpoint.every_steps": 10**9, "train.val_batches": 1, "schedule.warmup_steps": 2,
                  "model.attn_res": attn_res}
     if not attn_res:
         overrides["model.attn_res_boundaries"] = None
-    cfg = load_config(ROOT / "configs/presets/proxy-108m.yaml", overrides)
-    info = DistInfo(0, 1, 0, torch.device("cuda"))
+    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
+    cuda = args.device == "cuda"
+    info = DistInfo(0, 1, 0, torch.device(args.device))
     with tempfile.TemporaryDirectory() as tmp:
         data = random_data(Path(tmp) / "data", rows=batch * (steps + 2), window=args.seq + 1,
                            vocab=cfg.model.vocab_size)
-        torch.cuda.reset_peak_memory_stats()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         train(cfg, data, Path(tmp) / "run", info=info)
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     step_ms = statistics.median(r["step_ms"] for r in records if "step_ms" in r and r["step"] >= args.warmup)
     tok_s = batch * args.seq / (step_ms / 1e3)
@@ -79,20 +81,21 @@ def project_step(args, attn_res: bool, batch: int, steps: int, compile_: bool = 
 
 def optimizer_step_ms(args) -> dict:
     """Median time of the hybrid optimizer step alone on proxy-108m with random gradients (CUDA events)."""
-    cfg = load_config(ROOT / "configs/presets/proxy-108m.yaml")
-    model = KotodamaLM(cfg.model).cuda()
+    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml")
+    model = KotodamaLM(cfg.model).to(args.device)
     opt = build_optimizer(model, cfg.optim)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     times = []
     for i in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         opt.step()
-        end.record()
-        torch.cuda.synchronize()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
         if i >= 5:
-            times.append(start.elapsed_time(end))
+            times.append((time.perf_counter() - t0) * 1e3)
     muon = sum(len(g["params"]) for g in opt.optimizers["muon"].param_groups) if "muon" in opt.optimizers else 0
     return {"name": "hybrid_optimizer_step", "ms": round(statistics.median(times), 2), "muon_matrices": muon}
 
@@ -115,20 +118,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--ref-timeout", type=int, default=300)
+    ap.add_argument("--preset", default="proxy-108m")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--only", default="ref,project,no_attnres,attnres_ref,optimizer,mb16",
                     help="comma list of measurements to run")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(json.dumps({"torch": torch.__version__, "device": torch.cuda.get_device_name()}), flush=True)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(json.dumps({"torch": torch.__version__, "device": name}), flush=True)
     only = set(args.only.split(","))
     results: dict[str, dict] = {}
     t0 = time.time()
     plan = [("ref", lambda: reference(args, "ref_compile", args.batch)),
-            ("project", lambda: project_step(args, True, args.batch, args.steps)),
-            ("no_attnres", lambda: project_step(args, False, args.batch, args.steps)),
+            ("project", lambda: project_step(args, True, args.batch, args.steps, not args.no_compile)),
+            ("no_attnres", lambda: project_step(args, False, args.batch, args.steps, not args.no_compile)),
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),
-            ("mb16", lambda: project_step(args, True, 16, 6))]
+            ("mb16", lambda: project_step(args, True, 16, args.warmup + 3, not args.no_compile))]
     for key, fn in plan:
         if key not in only:
             continue
@@ -137,7 +144,8 @@ def main() -> None:
         except Exception as exc:  # one failed measurement must not lose the others
             results[key] = {"name": key, "error": f"{type(exc).__name__}: {exc}"[:800]}
         print(json.dumps(results[key]), flush=True)
-        torch.cuda.empty_cache()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     summary = {"elapsed_s": round(time.time() - t0)}
     ref, proj, plain = (results.get(k, {}).get("tok_s") for k in ("ref", "project", "no_attnres"))
     if ref and proj:

@@ -1,0 +1,288 @@
+"""KotodamaLM: a Llama-family decoder with QK-norm, GQA, SwiGLU, tied embeddings and Block AttnRes.
+
+One layer i, with h the sublayer input:
+    attention  a = o_proj(SDPA_causal(rope(q_norm(q_proj n)), rope(k_norm(k_proj n)), v_proj n)),
+               n = attn_norm(h)
+    MLP        m = down_proj(silu(gate_proj n) · up_proj n),   n = ffn_norm(h)
+Plain residual stream (attn_res off): x ← x + a(x); x ← x + m(x); logits = head(norm(x)).
+Block Attention Residuals (attn_res on): a list `done` of completed block sums and an open `partial`
+(initially the token embedding). For layer i:
+    h = read(done + [partial], attn_res_query_i, attn_res_norm_i)
+    if i starts a block: done.append(partial); partial = None
+    partial = a(h) if partial is None else partial + a(h)
+    h = read(done + [partial], mlp_res_query_i, mlp_res_norm_i)
+    partial = partial + m(h)
+and finally x = read(done + [partial], final_res_query, final_res_norm), logits = head(norm(x)).
+`read` is attnres.attn_res_read. The residual stream is kept in the embedding's dtype (fp32 under
+autocast) so block sums do not accumulate in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kotodama_core.model.attnres import attn_res_read
+from kotodama_core.model.config import KotodamaConfig
+from kotodama_core.model.loss import chunked_lm_loss
+from kotodama_core.model.norm import RMSNorm
+from kotodama_core.model.rope import RotaryEmbedding, apply_rope
+
+# enable_gqa arrived in torch 2.5; older builds repeat the KV heads instead.
+_SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
+
+
+def _device(device) -> torch.device:
+    return torch.device(device) if device is not None else torch.get_default_device()
+
+
+def _linear(in_features: int, out_features: int, device) -> nn.Linear:
+    # Built on meta and materialized uninitialized: init_weights is the only RNG consumer, so
+    # torch.manual_seed(s) + construction equals torch.manual_seed(s) + init_weights().
+    return nn.Linear(in_features, out_features, bias=False, device="meta").to_empty(device=_device(device))
+
+
+def _embedding(num: int, dim: int, device) -> nn.Embedding:
+    return nn.Embedding(num, dim, device="meta").to_empty(device=_device(device))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q (B, H, T, d), k/v (B, KV, T, d) -> (B, H, T, d) with a causal mask and GQA."""
+    if _SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), is_causal=True)
+
+
+def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The same attention with probabilities softmax(q·kᵀ/√d + causal mask) made explicit (fp32)."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ v.to(compute)).to(q.dtype), probs
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: KotodamaConfig, device=None):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_kv_heads, hd
+        self.q_proj = _linear(d, cfg.num_attention_heads * hd, device)
+        self.k_proj = _linear(d, cfg.num_kv_heads * hd, device)
+        self.v_proj = _linear(d, cfg.num_kv_heads * hd, device)
+        self.o_proj = _linear(cfg.num_attention_heads * hd, d, device)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, device=device)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, device=device)
+
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, d), k and v (B, KV, T, d), QK-normed and rotated; a KV cache appends k, v here."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, return_probs: bool = False):
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        if return_probs:
+            out, probs = explicit_causal_attention(q, k, v)
+        else:
+            out, probs = causal_attention(q, k, v), None
+        out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return (out, probs) if return_probs else out
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: KotodamaConfig, device=None):
+        super().__init__()
+        self.gate_proj = _linear(cfg.hidden_size, cfg.intermediate_size, device)
+        self.up_proj = _linear(cfg.hidden_size, cfg.intermediate_size, device)
+        self.down_proj = _linear(cfg.intermediate_size, cfg.hidden_size, device)
+
+    def forward(self, x: Tensor, return_act: bool = False):
+        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        out = self.down_proj(act)
+        return (out, act) if return_act else out
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: KotodamaConfig, device=None):
+        super().__init__()
+        d = cfg.hidden_size
+        self.attn_norm = RMSNorm(d, cfg.norm_eps, device=device)
+        self.attn = Attention(cfg, device=device)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps, device=device)
+        self.ffn = SwiGLU(cfg, device=device)
+        if cfg.attn_res:
+            self.attn_res_query = nn.Parameter(torch.zeros(d, device=device))
+            self.attn_res_norm = RMSNorm(d, cfg.norm_eps, device=device)
+            self.mlp_res_query = nn.Parameter(torch.zeros(d, device=device))
+            self.mlp_res_norm = RMSNorm(d, cfg.norm_eps, device=device)
+
+
+class KotodamaLM(nn.Module):
+    """The Kotodama decoder. State-dict keys follow the published checkpoints exactly.
+
+    `loss_chunk_tokens` is the number of tokens whose logits the training loss materializes at once.
+    """
+
+    def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096):
+        super().__init__()
+        if loss_chunk_tokens <= 0:
+            raise ValueError(f"loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
+        self.cfg = cfg
+        self.loss_chunk_tokens = loss_chunk_tokens
+        d = cfg.hidden_size
+        self.embed_tokens = _embedding(cfg.vocab_size, d, device)
+        self.layers = nn.ModuleList(Layer(cfg, device=device) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps, device=device)
+        if cfg.attn_res:
+            self.final_res_query = nn.Parameter(torch.zeros(d, device=device))
+            self.final_res_norm = RMSNorm(d, cfg.norm_eps, device=device)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _linear(d, cfg.vocab_size, device)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+        self._block_starts = frozenset(cfg.block_starts()) if cfg.attn_res else frozenset()
+        self.init_weights()
+
+    # ---------------------------------------------------------------- parameters
+    @property
+    def head_weight(self) -> Tensor:
+        return self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+
+    def num_parameters(self) -> int:
+        """Unique parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_attn_res_parameters(self) -> int:
+        return sum(p.numel() for name, p in self.named_parameters() if _is_attn_res(name))
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """N(0, init_std) for embeddings and matrices, o_proj/down_proj scaled by 1/sqrt(2·num_layers),
+        norm gains 1, AttnRes queries 0. Draws come from a CPU generator (the global one by default) in
+        parameter order, so the result is the same on every device and for every parameter dtype."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if _is_attn_res(name) and name.endswith("res_query"):
+                p.zero_()
+            elif name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                _normal_(p, out_std, generator)
+            elif name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
+                _normal_(p, std, generator)
+            else:
+                raise RuntimeError(f"init_weights does not know parameter {name!r}")
+        self.rope.reset_buffers()
+
+    def reset_parameters(self) -> None:
+        self.init_weights()
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None):
+        """input_ids (B, T) -> logits (B, T, V); with targets -> (loss, {"ce", "z_loss"}) (chunked)."""
+        hidden = self._backbone(input_ids)
+        if targets is None:
+            return F.linear(hidden, self.head_weight)
+        return chunked_lm_loss(hidden, self.head_weight, targets, self.cfg.z_loss_weight,
+                               self.loss_chunk_tokens)
+
+    @torch.no_grad()
+    def trace(self, input_ids: Tensor, layers: list[int]) -> dict:
+        """Internals of one forward pass at the given layers (no grad); see the module docstring.
+
+        hidden[i]      (B, T, D) input of layer i's attention sublayer (AttnRes read or residual stream)
+        layer_out[i]   (B, T, D) open block sum (or residual stream) after layer i
+        attn_probs[i]  (B, H, T, T) causal softmax attention probabilities
+        mlp_act[i]     (B, T, intermediate) silu(gate)·up
+        attn_res_weights[i] {"attn": (B, T, S), "mlp": (B, T, S)} mixture weights (attn_res only)
+        final          (B, T, D) normed final hidden state
+        """
+        bad = [i for i in layers if not 0 <= i < self.cfg.num_layers]
+        if bad:
+            raise ValueError(f"trace layers {bad} out of range [0, {self.cfg.num_layers - 1}]")
+        rec: dict = {"layers": frozenset(layers), "hidden": {}, "layer_out": {}, "attn_probs": {},
+                     "mlp_act": {}}
+        if self.cfg.attn_res:
+            rec["attn_res_weights"] = {i: {} for i in layers}
+        rec["final"] = self._backbone(input_ids, rec)
+        del rec["layers"]
+        return rec
+
+    def _read(self, sources: list[Tensor], query: Tensor, norm: RMSNorm, rec: dict | None, key) -> Tensor:
+        if rec is None:
+            return attn_res_read(sources, query, norm.weight, norm.eps)
+        out, weights = attn_res_read(sources, query, norm.weight, norm.eps, return_weights=True)
+        if key is not None:
+            layer, kind = key
+            rec["attn_res_weights"][layer][kind] = weights
+        return out
+
+    def _backbone(self, input_ids: Tensor, rec: dict | None = None) -> Tensor:
+        """Embedding -> layers -> final read -> norm; returns the normed final hidden (B, T, D)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        cos, sin = self.rope(input_ids.shape[1])
+        emb = self.embed_tokens(input_ids)
+        attn_res = self.cfg.attn_res
+        done: list[Tensor] = []
+        partial: Tensor | None = emb
+        for i, layer in enumerate(self.layers):
+            r = rec if rec is not None and i in rec["layers"] else None
+            if attn_res:
+                h = self._read(done + [partial], layer.attn_res_query, layer.attn_res_norm, r, (i, "attn"))
+                if i in self._block_starts:
+                    done.append(partial)
+                    partial = None
+            else:
+                h = partial
+            if r is not None:
+                r["hidden"][i] = h
+                a, r["attn_probs"][i] = layer.attn(layer.attn_norm(h), cos, sin, return_probs=True)
+            else:
+                a = layer.attn(layer.attn_norm(h), cos, sin)
+            partial = a.to(emb.dtype) if partial is None else partial + a
+            if attn_res:
+                h = self._read(done + [partial], layer.mlp_res_query, layer.mlp_res_norm, r, (i, "mlp"))
+            else:
+                h = partial
+            if r is not None:
+                m, r["mlp_act"][i] = layer.ffn(layer.ffn_norm(h), return_act=True)
+            else:
+                m = layer.ffn(layer.ffn_norm(h))
+            partial = partial + m
+            if r is not None:
+                r["layer_out"][i] = partial
+        x = partial
+        if attn_res:
+            x = self._read(done + [partial], self.final_res_query, self.final_res_norm, rec, None)
+        return self.norm(x)
+
+
+def _is_attn_res(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("attn_res_query", "mlp_res_query", "final_res_query") or any(
+        part in ("attn_res_norm", "mlp_res_norm", "final_res_norm") for part in name.split("."))
+
+
+@torch.no_grad()
+def _normal_(p: Tensor, std: float, generator: torch.Generator | None) -> None:
+    if p.device.type == "meta":
+        return
+    p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
