@@ -130,25 +130,61 @@ class _Mixer:
         root = tokenizer_file(cfg.tokenizer, cfg.root())
         self.tok_args = (str(root) if root else cfg.tokenizer, None)
 
-    def take(self, source: SourceConfig, quota: int | None) -> SourceStats:
-        """Append source documents (each + EOS) to the spill until `quota` tokens (all when None)."""
-        cfg, stats = self.cfg, SourceStats(start=self.spill.size)
-        eos = np.array([cfg.eos_id], dtype=np.uint32)
-        jobs = ((chunk, process_chunk,
-                 ([it.text for it in chunk if it.text is not None], *self.tok_args,
-                  cfg.ocr_garbage_threshold, cfg.drop_duplicates))
-                for chunk in _chunks(iter_items(source, cfg), cfg.dask.chunk_chars))
-        results = ordered_results(self.executor, jobs, in_flight=2 * self.executor.workers + 1)
+    def take_all(self, sources: list[SourceConfig], quotas: dict[str, int] | None) -> dict[str, SourceStats]:
+        """Append each source's documents (each + EOS) to the spill, in table order, until its quota
+        (all its documents when `quotas` is None); a source that runs short is then repeated.
+
+        One stream of chunk jobs runs through all sources, so the workers start on the next source
+        while the last chunks of the previous one are still out (no drain at each source boundary);
+        results are still consumed strictly in order, so the spill is the same as source by source.
+        A source whose quota is met stops producing chunks; its chunks already submitted are skipped.
+        """
+        cfg = self.cfg
+        eos = np.array([cfg.eos_id], dtype=self.spill.dtype)
+        done: set[str] = set()
+
+        def jobs():
+            for source in sources:
+                chunks = _chunks(iter_items(source, cfg), cfg.dask.chunk_chars)
+                while source.name not in done:  # checked before reading the next chunk
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        break
+                    yield (source.name, chunk), process_chunk, (
+                        [it.text for it in chunk if it.text is not None], *self.tok_args,
+                        cfg.ocr_garbage_threshold, cfg.drop_duplicates, self.spill.dtype.name)
+
+        stats: dict[str, SourceStats] = {}
+        unopened = list(sources)  # in table order; a source is opened when its stream starts in the spill
+
+        def open_next() -> None:
+            if stats:  # the open source is complete: repeat it up to its quota before the next one starts
+                last = sources[len(stats) - 1]
+                self._finish(last, stats[last.name], quotas[last.name] if quotas else None)
+            stats[unopened[0].name] = SourceStats(start=self.spill.size)
+            unopened.pop(0)
+
+        results = ordered_results(self.executor, jobs(), in_flight=2 * self.executor.workers + 1)
         try:
-            for chunk, res in results:
-                if self._consume(chunk, res, stats, quota, eos):
-                    break
+            for (name, chunk), res in results:
+                while name not in stats:  # sources without any chunk are opened (and finished) on the way
+                    open_next()
+                if name in done:
+                    continue
+                if self._consume(chunk, res, stats[name], quotas[name] if quotas else None, eos):
+                    done.add(name)
         finally:
             results.close()
+        while unopened:
+            open_next()
+        last = sources[-1]
+        self._finish(last, stats[last.name], quotas[last.name] if quotas else None)
+        return stats
+
+    def _finish(self, source: SourceConfig, stats: SourceStats, quota: int | None) -> None:
         stats.tokens_unique = stats.tokens
         if quota is not None and stats.tokens < quota:
             self._repeat(source, stats, quota)
-        return stats
 
     def _consume(self, chunk: list[Item], res: dict[str, np.ndarray], stats: SourceStats, quota: int | None,
                  eos: np.ndarray) -> bool:
@@ -254,7 +290,7 @@ def build_dataset(cfg: DataConfig, work: Path) -> tuple[dict[str, Any], dict[str
                     desc="data", disable=not cfg.dask.progress)
     try:
         mixer = _Mixer(cfg, spill, executor, progress)
-        stats = {s.name: mixer.take(s, quotas[s.name] if quotas else None) for s in cfg.sources}
+        stats = mixer.take_all(cfg.sources, quotas)
     finally:
         progress.close()
         executor.close()

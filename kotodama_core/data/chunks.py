@@ -19,12 +19,13 @@ REASON_NAMES = {code: name for name, code in REASON_CODES.items()}
 
 
 def process_chunk(texts: list[str], tokenizer: str, tokenizer_root: str | None, ocr_threshold: float,
-                  with_hashes: bool) -> dict[str, np.ndarray]:
+                  with_hashes: bool, dtype: str = "uint32") -> dict[str, np.ndarray]:
     """Clean and tokenize a chunk of documents.
 
     Returns per document: `reason` (REASON_CODES), `chars_out` (characters after repair), `lengths`
     (tokens, 0 when dropped), `hashes` (blake2b-128 of the repaired UTF-8 text, when asked); and
-    `tokens`, the kept documents' ids concatenated (no EOS: the packer adds it).
+    `tokens`, the kept documents' ids concatenated (no EOS: the packer adds it) as `dtype` (the shard
+    dtype, so a uint16 vocabulary ships half the bytes back from a worker).
     """
     # One thread per Dask worker: tokenizers' own thread pool would oversubscribe the cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,11 +49,11 @@ def process_chunk(texts: list[str], tokenizer: str, tokenizer_root: str | None, 
     lengths = np.zeros(n, dtype=np.int64)
     parts = []
     for i, enc in zip(kept_index, encodings):
-        ids = np.asarray(enc.ids, dtype=np.uint32)
+        ids = np.asarray(enc.ids, dtype=dtype)
         if ids.size == 0:  # every byte of the text was outside the vocabulary
             reason[i] = REASON_CODES[EMPTY]
             continue
         lengths[i] = ids.size
         parts.append(ids)
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     return {"reason": reason, "chars_out": chars_out, "lengths": lengths, "hashes": hashes, "tokens": tokens}

@@ -12,8 +12,8 @@ Speed. Both functions here run on every document, so neither loops over characte
 
 - `fix_text` returns exactly `ftfy.fix_text(text)` but only hands ftfy the segments that ftfy could
   change (see `fix_text` for the proof); clean ASCII, the bulk of every corpus, is never copied.
-- `garbage_char_count` counts (a)-(c) with one table lookup per code point (numpy over the UTF-32
-  code units) and (d) with a regex that only matches symbol tokens holding such a symbol.
+- `garbage_char_count` looks every code point up in one flag table (numpy over the UTF-32 code
+  units) and finds the symbol tokens of (d) with cumulative sums over the whitespace flags.
 """
 
 from __future__ import annotations
@@ -94,62 +94,61 @@ def fix_text(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# OCR garbage
+# OCR garbage: per-code-point flags in one table, filled lazily 256 code points at a time (a document
+# only ever touches a few such blocks), looked up for all characters of a document at once.
 # ---------------------------------------------------------------------------------------------------
-_SYMBOL_CATEGORIES = frozenset({"So", "Sk"})
+_GARBAGE, _SPACE, _WORD, _SYMBOL = 1, 2, 4, 8
+_BLOCK = 8  # log2 of the block size
+_SPACE_RE, _WORD_RE = re.compile(r"\s"), re.compile(r"\w")
 _BAD_CATEGORIES = frozenset({"Cc", "Co", "Cs", "Cn"})
+_SYMBOL_CATEGORIES = frozenset({"So", "Sk"})
 _KEPT_CONTROLS = frozenset("\t\n\r")
+_flags = np.zeros(0x110000, dtype=np.uint8)
+_known = np.zeros(0x110000 >> _BLOCK, dtype=bool)
 
 
-def _is_emoji(cp: int) -> bool:
-    return 0x1F000 <= cp <= 0x1FAFF
+def _char_flags(cp: int) -> int:
+    ch = chr(cp)
+    cat = unicodedata.category(ch)
+    flags = 0
+    if cp == 0xFFFD or (cat in _BAD_CATEGORIES and ch not in _KEPT_CONTROLS):
+        flags |= _GARBAGE  # (a), (b), (c)
+    if _SPACE_RE.match(ch):
+        flags |= _SPACE  # exactly what \s matches, as in the token rule of (d)
+    if _WORD_RE.match(ch):
+        flags |= _WORD
+    if cp > 0x7F and cat in _SYMBOL_CATEGORIES and not 0x1F000 <= cp <= 0x1FAFF and cp != 0xFFFD:
+        flags |= _SYMBOL  # (d) candidates
+    return flags
 
 
-def _char_class(codepoints: list[int]) -> str:
-    """A regex character class of the given sorted code points, as ranges."""
-    parts, i = [], 0
-    while i < len(codepoints):
-        j = i
-        while j + 1 < len(codepoints) and codepoints[j + 1] == codepoints[j] + 1:
-            j += 1
-        parts.append(f"\\U{codepoints[i]:08x}" + (f"-\\U{codepoints[j]:08x}" if j > i else ""))
-        i = j + 1
-    return "[" + "".join(parts) + "]"
-
-
-@lru_cache(maxsize=1)
-def _tables():
-    """(garbage table over all code points for (a)-(c), whitespace table, symbol-token regex for (d))."""
-    garbage = np.zeros(0x110000, dtype=bool)
-    whitespace = np.zeros(0x110000, dtype=bool)
-    symbols = []
-    space = re.compile(r"\s")
-    for cp in range(0x110000):
-        ch = chr(cp)
-        cat = unicodedata.category(ch)
-        garbage[cp] = cp == 0xFFFD or (cat in _BAD_CATEGORIES and ch not in _KEPT_CONTROLS)
-        whitespace[cp] = space.match(ch) is not None
-        # (d): such a symbol is never \w or \s (checked by the tests), so it can stand in a symbol token
-        if cp > 0x7F and cat in _SYMBOL_CATEGORIES and not _is_emoji(cp) and cp != 0xFFFD:
-            symbols.append(cp)
-    sym = _char_class(symbols)
-    # a whole whitespace-delimited token of non-word characters that holds at least one such symbol
-    token = re.compile(rf"(?<!\S)[^\s\w]*?{sym}[^\s\w]*(?!\S)")
-    return garbage, whitespace, token, re.compile(sym)
-
-
-def _codepoints(text: str) -> np.ndarray:
-    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+def _lookup(cps: np.ndarray, ascii_only: bool) -> np.ndarray:
+    blocks = np.zeros(1, dtype=np.int64) if ascii_only else np.flatnonzero(
+        np.bincount(cps >> _BLOCK, minlength=_known.size))
+    for b in blocks[~_known[blocks]]:
+        base = int(b) << _BLOCK
+        _flags[base:base + (1 << _BLOCK)] = [_char_flags(cp) for cp in range(base, base + (1 << _BLOCK))]
+        _known[b] = True
+    return _flags[cps]
 
 
 def _garbage_and_visible(text: str) -> tuple[int, int]:
-    garbage, whitespace, token, sym = _tables()
-    cps = _codepoints(text)
-    count = int(np.count_nonzero(garbage[cps]))
-    visible = cps.size - int(np.count_nonzero(whitespace[cps]))
-    if not text.isascii():
-        for tok in token.findall(text):
-            count += len(sym.findall(tok))
+    """(garbage characters, non-whitespace characters) of `text`."""
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    flags = _lookup(cps, text.isascii())
+    count = int(np.count_nonzero(flags & _GARBAGE))
+    space = (flags & _SPACE).astype(bool)
+    visible = cps.size - int(np.count_nonzero(space))
+    symbol = (flags & _SYMBOL).astype(bool)
+    if symbol.any():
+        # (d): whitespace-delimited tokens (maximal runs of non-space) without a word character; a
+        # symbol candidate is never \w or \s, so it counts exactly when its token has no \w at all.
+        token = np.cumsum(space[:-1] & ~space[1:]) if cps.size > 1 else np.zeros(0, dtype=np.int64)
+        token = np.concatenate([[0], token])
+        n = int(token[-1]) + 1
+        has_word = np.bincount(token, weights=(flags & _WORD).astype(bool), minlength=n) > 0
+        symbols = np.bincount(token, weights=symbol, minlength=n)
+        count += int(symbols[~has_word].sum())
     return count, visible
 
 
