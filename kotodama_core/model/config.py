@@ -1,9 +1,15 @@
-"""KotodamaConfig: the model shape, field names as in the published Kotodama 108M card."""
+"""KotodamaConfig: the model shape, field names as in the published Kotodama 108M card.
+
+`techniques` holds the optional techniques (techniques/config.py), all off by default. While the
+section equals its default it is left out of the dump, so the resolved config, its digest and the published
+config are exactly those of a build without the section.
+"""
 
 from __future__ import annotations
 
-from pydantic import model_validator
+from pydantic import model_serializer, model_validator
 
+from kotodama_core.model.techniques.config import TechniquesConfig
 from kotodama_core.schema import StrictModel
 
 
@@ -26,6 +32,14 @@ class KotodamaConfig(StrictModel):
     attn_res_boundaries: list[int] | None = None
     attn_res_num_blocks: int | None = None
     init_std: float = 0.02
+    techniques: TechniquesConfig = TechniquesConfig()
+
+    @model_serializer(mode="wrap")
+    def _drop_default_techniques(self, handler):
+        data = handler(self)
+        if isinstance(data, dict) and self.techniques == TechniquesConfig():
+            data.pop("techniques", None)
+        return data
 
     @model_validator(mode="after")
     def _check_shape(self) -> "KotodamaConfig":
@@ -53,6 +67,7 @@ class KotodamaConfig(StrictModel):
         n = self.attn_res_num_blocks
         if n is not None and not 1 <= n <= self.num_layers:
             raise ValueError(f"attn_res_num_blocks must lie in [1, num_layers={self.num_layers}], got {n}")
+        self.techniques.check_against(self.num_layers, self.head_dim, self.vocab_size, self.attn_res)
         return self
 
     def block_starts(self) -> list[int]:

@@ -15,6 +15,22 @@ Block Attention Residuals (attn_res on): a list `done` of completed block sums a
 and finally x = read(done + [partial], final_res_query, final_res_norm), logits = head(norm(x)).
 `read` is attnres.attn_res_read. The residual stream is kept in the embedding's dtype (fp32 under
 autocast) so block sums do not accumulate in bf16.
+
+Optional techniques (cfg.techniques, all off by default; each in techniques/ with its formula):
+    xsa_last_n       attention output of the last N layers made orthogonal to the own value (xsa.py)
+    rotary_dims      RoPE on the first k head dims only (rope.py)
+    bigram_logits    logits += B[input token]; logit_softcap: logits <- c·tanh(logits/c) (bigram_logits.py)
+    bigram_hash      emb += s·proj(table[hash(prev, cur)]) (bigram_hash.py)
+    value_embed      v += λ·E[ids] at chosen layers, or x += λ·E[ids] before them (value_embed.py)
+    ln_scale         n = attn_norm(h)/sqrt(i+1) and ffn_norm(h)/sqrt(i+1) at layer i (0-based)
+    recurrence       layers start..end repeated R times, R set by set_training_progress (recurrence.py)
+    parallel_residual_start  from layer k on: x <- x + a(attn_norm x) + m(ffn_norm x), one shared input
+    mlp              "leaky_relu2": m = down_proj(leaky_relu(up_proj n, 0.5)²), no gate_proj (mlp.py)
+    init             "orthogonal": semi-orthogonal hidden matrices, output projections × 1/sqrt(2L) (init.py)
+    unet_skips       x += w_i·y_i before decoder layer L−1−i, y_i the stream after layer i < L//2 (unet.py)
+Recurrence, U-Net skips, parallel residuals and residual-stream value embeddings act on the plain residual
+stream and are rejected with attn_res (config error). With every technique off no technique module
+exists, so the state dict and parameter count are the published ones.
 """
 
 from __future__ import annotations
@@ -30,6 +46,14 @@ from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.model.loss import chunked_lm_loss
 from kotodama_core.model.norm import RMSNorm
 from kotodama_core.model.rope import RotaryEmbedding, apply_rope
+from kotodama_core.model.techniques.bigram_hash import BigramHashEmbedding
+from kotodama_core.model.techniques.bigram_logits import BigramLogitHead, bigram_bias, softcap
+from kotodama_core.model.techniques.init import orthogonal_, output_projection_gain
+from kotodama_core.model.techniques.mlp import LeakyReLUSquaredMLP
+from kotodama_core.model.techniques.recurrence import DepthRecurrence, repeats_at
+from kotodama_core.model.techniques.unet import UNetSkips
+from kotodama_core.model.techniques.value_embed import ValueEmbeddings
+from kotodama_core.model.techniques.xsa import exclusive_self_attention
 
 # enable_gqa arrived in torch 2.5; older builds repeat the KV heads instead.
 _SDPA_HAS_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")
@@ -72,8 +96,9 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: KotodamaConfig, device=None):
+    def __init__(self, cfg: KotodamaConfig, device=None, xsa: bool = False):
         super().__init__()
+        self.xsa = xsa
         d, hd = cfg.hidden_size, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_kv_heads, hd
         self.q_proj = _linear(d, cfg.num_attention_heads * hd, device)
@@ -85,24 +110,32 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps, device=device)
             self.k_norm = RMSNorm(hd, cfg.norm_eps, device=device)
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """q (B, H, T, d), k and v (B, KV, T, d), QK-normed and rotated; a KV cache appends k, v here."""
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor,
+                v_extra: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, H, T, d), k and v (B, KV, T, d), QK-normed and rotated; a KV cache appends k, v here.
+        v_extra (B, T, KV·d), a value embedding, is added to the values."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x)
+        if v_extra is not None:
+            v = v + v_extra.to(v.dtype)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, return_probs: bool = False):
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, return_probs: bool = False,
+                v_extra: Tensor | None = None):
         b, t, _ = x.shape
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin, v_extra)
         if return_probs:
             out, probs = explicit_causal_attention(q, k, v)
         else:
             out, probs = causal_attention(q, k, v), None
+        if self.xsa:
+            out = exclusive_self_attention(out, v)
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
         return (out, probs) if return_probs else out
 
@@ -121,13 +154,20 @@ class SwiGLU(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: KotodamaConfig, device=None):
+    def __init__(self, cfg: KotodamaConfig, index: int = 0, device=None):
         super().__init__()
-        d = cfg.hidden_size
+        d, tech = cfg.hidden_size, cfg.techniques
+        # Static per-layer switches (Python values, so torch.compile specializes on them).
+        self.norm_scale = 1.0 / math.sqrt(index + 1) if tech.ln_scale else 1.0
+        start = tech.parallel_residual_start
+        self.parallel = start is not None and index >= start
         self.attn_norm = RMSNorm(d, cfg.norm_eps, device=device)
-        self.attn = Attention(cfg, device=device)
+        self.attn = Attention(cfg, device=device, xsa=index >= cfg.num_layers - tech.xsa_last_n)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps, device=device)
-        self.ffn = SwiGLU(cfg, device=device)
+        if tech.mlp == "leaky_relu2":
+            self.ffn = LeakyReLUSquaredMLP(d, cfg.intermediate_size, lambda i, o: _linear(i, o, device))
+        else:
+            self.ffn = SwiGLU(cfg, device=device)
         if cfg.attn_res:
             self.attn_res_query = nn.Parameter(torch.zeros(d, device=device))
             self.attn_res_norm = RMSNorm(d, cfg.norm_eps, device=device)
@@ -149,16 +189,60 @@ class KotodamaLM(nn.Module):
         self.loss_chunk_tokens = loss_chunk_tokens
         d = cfg.hidden_size
         self.embed_tokens = _embedding(cfg.vocab_size, d, device)
-        self.layers = nn.ModuleList(Layer(cfg, device=device) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Layer(cfg, i, device=device) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.norm_eps, device=device)
         if cfg.attn_res:
             self.final_res_query = nn.Parameter(torch.zeros(d, device=device))
             self.final_res_norm = RMSNorm(d, cfg.norm_eps, device=device)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(d, cfg.vocab_size, device)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device=device)
+        tech = cfg.techniques
+        self.rope = RotaryEmbedding(tech.rotary_dims or cfg.head_dim, cfg.max_position_embeddings,
+                                    cfg.rope_theta, device=device)
         self._block_starts = frozenset(cfg.block_starts()) if cfg.attn_res else frozenset()
+        self._build_techniques(device)
         self.init_weights()
+
+    def _build_techniques(self, device) -> None:
+        """Technique modules exist only when switched on, so the default state dict is the published one."""
+        cfg, tech, d = self.cfg, self.cfg.techniques, self.cfg.hidden_size
+        make_linear = lambda i, o: _linear(i, o, device)  # noqa: E731
+        make_embedding = lambda n, w: _embedding(n, w, device)  # noqa: E731
+        if tech.bigram_hash.buckets:
+            self.bigram_hash = BigramHashEmbedding(tech.bigram_hash.buckets, tech.bigram_hash.dim, d,
+                                                   make_linear, make_embedding, device=device)
+        ve = tech.value_embed
+        self._value_embed_into_values = ve.target == "values"
+        if ve.layers:
+            width = cfg.num_kv_heads * cfg.head_dim if ve.target == "values" else d
+            self.value_embed = ValueEmbeddings(ve.layers, ve.num_tables, cfg.vocab_size, width,
+                                               make_embedding, device=device)
+        if tech.bigram_logits.enabled:
+            self.bigram_logits = BigramLogitHead(cfg.vocab_size, tech.bigram_logits.rank, device=device)
+        if tech.recurrence.enabled:
+            self.recurrence = DepthRecurrence(tech.recurrence, d, device=device)
+        if tech.unet_skips:
+            self.unet = UNetSkips(cfg.num_layers, device=device)
+        self._plan = [(i, -1, -1) for i in range(cfg.num_layers)]
+
+    # ---------------------------------------------------------------- training progress
+    def set_training_progress(self, fraction: float) -> None:
+        """Called by the engine every step with step / total_steps; sets the recurrence repeat count
+        (a no-op without recurrence). Under torch.compile a new count recompiles once per phase.
+        A freshly built model runs at fraction 1.0 (its final depth), which evaluation wants."""
+        if hasattr(self, "recurrence"):
+            self.recurrence.set_repeats(repeats_at(self.cfg.techniques.recurrence, fraction))
+
+    def effective_depth(self) -> int:
+        """Layer applications per forward pass: num_layers + (R − 1)·span under recurrence."""
+        if hasattr(self, "recurrence"):
+            return self.cfg.num_layers + (self.recurrence.repeats - 1) * self.recurrence.span
+        return self.cfg.num_layers
+
+    def has_conditionally_unused_parameters(self) -> bool:
+        """True when some parameters get no gradient in some steps (recurrence before switch-on, loop
+        embeddings of repeats not yet reached): DDP then needs find_unused_parameters=True."""
+        return hasattr(self, "recurrence")
 
     # ---------------------------------------------------------------- parameters
     @property
@@ -176,17 +260,47 @@ class KotodamaLM(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None) -> None:
         """N(0, init_std) for embeddings and matrices, o_proj/down_proj scaled by 1/sqrt(2·num_layers),
         norm gains 1, AttnRes queries 0. Draws come from a CPU generator (the global one by default) in
-        parameter order, so the result is the same on every device and for every parameter dtype."""
+        parameter order, so the result is the same on every device and for every parameter dtype.
+
+        Techniques: init "orthogonal" makes the layer matrices semi-orthogonal (techniques/init.py);
+        bigram-hash and value-embedding tables and the hash projection N(0, init_std), their scales
+        their scale_init; the bigram logit table (or its left factor) 0 and its right factor
+        N(0, init_std); loop embeddings and cross-repeat skip scales 0; U-Net skip scales 1."""
+        tech = self.cfg.techniques
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        ortho = tech.init == "orthogonal"
         for name, p in self.named_parameters():
             if _is_attn_res(name) and name.endswith("res_query"):
                 p.zero_()
             elif name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.startswith("bigram_logits."):
+                if name.endswith("right"):
+                    _normal_(p, std, generator)
+                else:
+                    p.zero_()
+            elif name in ("bigram_hash.scale",):
+                p.fill_(tech.bigram_hash.scale_init)
+            elif name.startswith("value_embed.scales."):
+                p.fill_(tech.value_embed.scale_init)
+            elif name.startswith(("bigram_hash.", "value_embed.tables.")):
+                _normal_(p, std, generator)
+            elif name.startswith("recurrence."):
+                p.zero_()
+            elif name == "unet.scales":
+                p.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                _normal_(p, out_std, generator)
-            elif name.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
+                if ortho:
+                    orthogonal_(p, output_projection_gain(self.cfg.num_layers), generator)
+                else:
+                    _normal_(p, out_std, generator)
+            elif name.endswith("proj.weight"):
+                if ortho:
+                    orthogonal_(p, 1.0, generator)
+                else:
+                    _normal_(p, std, generator)
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
                 _normal_(p, std, generator)
             else:
                 raise RuntimeError(f"init_weights does not know parameter {name!r}")
@@ -199,10 +313,23 @@ class KotodamaLM(nn.Module):
     def forward(self, input_ids: Tensor, targets: Tensor | None = None):
         """input_ids (B, T) -> logits (B, T, V); with targets -> (loss, {"ce", "z_loss"}) (chunked)."""
         hidden = self._backbone(input_ids)
+        return self.head(hidden, input_ids, targets)
+
+    def head(self, hidden: Tensor, input_ids: Tensor, targets: Tensor | None = None):
+        """Final normed states -> logits (with the bigram rows and the softcap when on), or the loss."""
+        cap = self.cfg.techniques.logit_softcap
+        bias = self.bigram_logits.weights() if hasattr(self, "bigram_logits") else ()
         if targets is None:
-            return F.linear(hidden, self.head_weight)
+            logits = F.linear(hidden, self.head_weight)
+            if bias:
+                logits = logits + bigram_bias(input_ids, *bias).to(logits.dtype)
+            return softcap(logits, cap) if cap > 0 else logits
+        if cap <= 0 and not bias:
+            return chunked_lm_loss(hidden, self.head_weight, targets, self.cfg.z_loss_weight,
+                                   self.loss_chunk_tokens)
         return chunked_lm_loss(hidden, self.head_weight, targets, self.cfg.z_loss_weight,
-                               self.loss_chunk_tokens)
+                               self.loss_chunk_tokens, softcap=cap,
+                               bias_ids=input_ids if bias else None, bias_weights=bias)
 
     @torch.no_grad()
     def trace(self, input_ids: Tensor, layers: list[int]) -> dict:
@@ -211,9 +338,10 @@ class KotodamaLM(nn.Module):
         hidden[i]      (B, T, D) input of layer i's attention sublayer (AttnRes read or residual stream)
         layer_out[i]   (B, T, D) open block sum (or residual stream) after layer i
         attn_probs[i]  (B, H, T, T) causal softmax attention probabilities
-        mlp_act[i]     (B, T, intermediate) silu(gate)·up
+        mlp_act[i]     (B, T, intermediate) silu(gate)·up (leaky_relu(up, 0.5)² with mlp "leaky_relu2")
         attn_res_weights[i] {"attn": (B, T, S), "mlp": (B, T, S)} mixture weights (attn_res only)
         final          (B, T, D) normed final hidden state
+        Under recurrence a repeated layer is recorded at its last application.
         """
         bad = [i for i in layers if not 0 <= i < self.cfg.num_layers]
         if bad:
@@ -235,16 +363,36 @@ class KotodamaLM(nn.Module):
             rec["attn_res_weights"][layer][kind] = weights
         return out
 
+    def _ffn(self, layer: Layer, h: Tensor, r: dict | None, i: int) -> Tensor:
+        n = layer.ffn_norm(h)
+        if layer.norm_scale != 1.0:
+            n = n * layer.norm_scale
+        if r is None:
+            return layer.ffn(n)
+        m, r["mlp_act"][i] = layer.ffn(n, return_act=True)
+        return m
+
     def _backbone(self, input_ids: Tensor, rec: dict | None = None) -> Tensor:
         """Embedding -> layers -> final read -> norm; returns the normed final hidden (B, T, D)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         cos, sin = self.rope(input_ids.shape[1])
         emb = self.embed_tokens(input_ids)
+        if hasattr(self, "bigram_hash"):
+            emb = emb + self.bigram_hash(input_ids).to(emb.dtype)
         attn_res = self.cfg.attn_res
+        recurrence = getattr(self, "recurrence", None)
+        unet = getattr(self, "unet", None)
+        value_embed = getattr(self, "value_embed", None)
+        ve_values = value_embed is not None and self._value_embed_into_values
+        ve_residual = value_embed is not None and not self._value_embed_into_values
+        plan = recurrence.plan(self.cfg.num_layers) if recurrence is not None else self._plan
         done: list[Tensor] = []
         partial: Tensor | None = emb
-        for i, layer in enumerate(self.layers):
+        previous: dict[int, Tensor] = {}   # recurrence: stream after each loop slot, last repeat
+        skips: dict[int, Tensor] = {}      # U-Net: stream after each encoder layer
+        for i, repeat, slot in plan:
+            layer = self.layers[i]
             r = rec if rec is not None and i in rec["layers"] else None
             if attn_res:
                 h = self._read(done + [partial], layer.attn_res_query, layer.attn_res_norm, r, (i, "attn"))
@@ -252,24 +400,40 @@ class KotodamaLM(nn.Module):
                     done.append(partial)
                     partial = None
             else:
+                if repeat >= 0:
+                    partial = recurrence.enter(partial, repeat, slot, previous)
+                if unet is not None and i in unet.pairs:
+                    k = unet.pairs[i]
+                    partial = partial + unet.scales[k] * skips[k]
+                if ve_residual:
+                    extra = value_embed.term(i, input_ids)
+                    if extra is not None:
+                        partial = partial + extra.to(partial.dtype)
                 h = partial
+            v_extra = value_embed.term(i, input_ids) if ve_values else None
+            n = layer.attn_norm(h)
+            if layer.norm_scale != 1.0:
+                n = n * layer.norm_scale
             if r is not None:
                 r["hidden"][i] = h
-                a, r["attn_probs"][i] = layer.attn(layer.attn_norm(h), cos, sin, return_probs=True)
+                a, r["attn_probs"][i] = layer.attn(n, cos, sin, return_probs=True, v_extra=v_extra)
             else:
-                a = layer.attn(layer.attn_norm(h), cos, sin)
-            partial = a.to(emb.dtype) if partial is None else partial + a
-            if attn_res:
-                h = self._read(done + [partial], layer.mlp_res_query, layer.mlp_res_norm, r, (i, "mlp"))
+                a = layer.attn(n, cos, sin, v_extra=v_extra)
+            if layer.parallel:  # GPT-J: attention and MLP read the same input h
+                partial = partial + a + self._ffn(layer, h, r, i)
             else:
-                h = partial
-            if r is not None:
-                m, r["mlp_act"][i] = layer.ffn(layer.ffn_norm(h), return_act=True)
-            else:
-                m = layer.ffn(layer.ffn_norm(h))
-            partial = partial + m
+                partial = a.to(emb.dtype) if partial is None else partial + a
+                if attn_res:
+                    h = self._read(done + [partial], layer.mlp_res_query, layer.mlp_res_norm, r, (i, "mlp"))
+                else:
+                    h = partial
+                partial = partial + self._ffn(layer, h, r, i)
             if r is not None:
                 r["layer_out"][i] = partial
+            if repeat >= 0:
+                previous[slot] = partial
+            if unet is not None and i in unet.encoders:
+                skips[i] = partial
         x = partial
         if attn_res:
             x = self._read(done + [partial], self.final_res_query, self.final_res_norm, rec, None)

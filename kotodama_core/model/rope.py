@@ -4,6 +4,10 @@ For head dimension d and position t, pair dimension j (j < d/2) with j + d/2 and
 angle t·θ^(-2j/d):
     rope(x)_t = x_t · cos(t·ω) + rotate_half(x_t) · sin(t·ω),   rotate_half([x1, x2]) = [-x2, x1],
 where ω = θ^(-2j/d) is repeated twice along the head dimension.
+
+Partial RoPE (techniques.rotary_dims = k < d): the rule above with d := k acts on the first k dimensions
+of each head (pairs j, j + k/2 for j < k/2, ω = θ^(-2j/k)); dimensions k..d−1 pass through unchanged.
+The tables are then (T, k); k = d is exactly the full rotation.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: (B, H, T, d); cos, sin: (T, d). Computed in x's dtype."""
-    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    """x: (B, H, T, d); cos, sin: (T, k) with k ≤ d (k < d: partial RoPE). Computed in x's dtype."""
+    k = cos.shape[-1]
+    if k == x.shape[-1]:
+        return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+    rot, rest = x[..., :k], x[..., k:]
+    return torch.cat((rot * cos.to(x.dtype) + rotate_half(rot) * sin.to(x.dtype), rest), dim=-1)
 
 
 class RotaryEmbedding(nn.Module):
