@@ -73,3 +73,17 @@ def tiny_train_overrides(**extra) -> dict:
             "train.checkpoint.every_steps": 4, "train.checkpoint.keep_last": 2, "schedule.warmup_steps": 3}
     base.update(extra)
     return base
+
+
+@pytest.fixture(scope="session")
+def corpus_mix_data(tmp_path_factory, shared_data) -> Path:
+    """A real data artifact: the shared corpus-mix through the data stage, SmolLM2 tokens, windows of 65."""
+    from kotodama_core.config import load_config
+    from stages.data import run as run_data
+
+    cfg = load_config(CONFIGS / "sources/corpus-mix.yaml",
+                      {"data.seq_len": 64, "data.total_tokens": 400_000, "data.val_fraction": 0.02,
+                       "data.dask.workers": 0, "data.dask.progress": False})
+    out = tmp_path_factory.mktemp("corpus") / "data"
+    run_data(cfg, {}, out)
+    return out

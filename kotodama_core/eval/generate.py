@@ -92,6 +92,15 @@ def sample_next(logits: Tensor, temperature: float, generator: torch.Generator |
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+# Techniques the cached decode step reproduces; any other switched-on option decodes without the cache.
+CACHE_SAFE_TECHNIQUES = frozenset({"partial_rope", "orthogonal_init", "leaky_relu2_mlp"})
+
+
+def kv_cache_supported(model: KotodamaLM) -> bool:
+    techniques = getattr(model.cfg, "techniques", None)
+    return techniques is None or set(techniques.active()) <= CACHE_SAFE_TECHNIQUES
+
+
 @torch.no_grad()
 def generate_tokens(model: KotodamaLM, prompt: list[int], *, max_new_tokens: int, temperature: float = 1.0,
                     stop_ids: set[int] | frozenset[int] = frozenset(), seed: int | None = None,
@@ -108,17 +117,26 @@ def generate_tokens(model: KotodamaLM, prompt: list[int], *, max_new_tokens: int
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    use_cache = kv_cache_supported(model)
     cache = KVCache.empty(model.cfg.num_layers)
-    logits = cached_forward(model, torch.tensor([prompt], device=device), cache)[:, -1]
+    tokens = list(prompt)
+
+    def next_logits(new: list[int]) -> Tensor:
+        if use_cache:
+            return cached_forward(model, torch.tensor([new], device=device), cache)[:, -1]
+        return model(torch.tensor([tokens], device=device))[:, -1]
+
+    logits = next_logits(prompt)
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(sample_next(logits, temperature, generator)[0])
         if nxt in stop_ids:
             break
         out.append(nxt)
+        tokens.append(nxt)
         if stop_check is not None and stop_check(out):
             break
-        if cache.length >= limit:
+        if len(tokens) > limit:
             break
-        logits = cached_forward(model, torch.tensor([[nxt]], device=device), cache)[:, -1]
+        logits = next_logits([nxt])
     return out

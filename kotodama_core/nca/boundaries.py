@@ -74,7 +74,9 @@ def layer_profile(model, input_ids: torch.Tensor, dead_threshold: float = 1e-6) 
         profile["attn_entropy_std"].append(float(heads.std(unbiased=False)))
         profile["attn_entropy_heads"].append([float(h) for h in heads])
         for name, weight in (("q", layer.attn.q_proj), ("k", layer.attn.k_proj), ("o", layer.attn.o_proj),
-                             ("gate", layer.ffn.gate_proj), ("down", layer.ffn.down_proj)):
+                             # gate-free MLPs (LeakyReLU²) profile their input projection instead
+                             ("gate", getattr(layer.ffn, "gate_proj", None) or layer.ffn.up_proj),
+                             ("down", layer.ffn.down_proj)):
             profile[f"stable_rank_{name}"].append(stable_rank(weight.weight.float()))
         profile["dead_units"].append(dead_unit_fraction(rec["mlp_act"][i].float(), tol=dead_threshold))
     return profile

@@ -61,7 +61,12 @@ def monitor_metrics(model: torch.nn.Module, probe_ids: torch.Tensor, layers: lis
     for i in layers:
         layer = model.layers[i]
         for key, (sub, name) in PROJECTIONS.items():
-            w = getattr(getattr(layer, sub), name).weight
+            proj = getattr(getattr(layer, sub), name, None)
+            if proj is None and name == "gate_proj":  # gate-free MLPs (LeakyReLU²): their input projection
+                key, proj = "up_proj", getattr(layer.ffn, "up_proj", None)
+            if proj is None:
+                continue
+            w = proj.weight
             out[f"L{i}/stable_rank/{key}"] = _safe(lambda w=w: stable_rank(w.float()))
         probs = trace["attn_probs"][i]
         try:
