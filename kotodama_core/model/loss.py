@@ -6,8 +6,13 @@ For the N non-ignored targets (target != -100) with logits ℓ_n = W·h_n:
     loss   = ce + z_loss_weight · z
 Optional techniques change ℓ_n inside each chunk: ℓ_n ← ℓ_n + B[a_n] (bigram logit head, a_n the input
 token at n) and then ℓ_n ← c·tanh(ℓ_n / c) (logit softcap c); see techniques/bigram_logits.py.
-The tokens are cut into chunks; each chunk's logits are made in fp32 inside an activation-checkpointed
-function that returns only two scalars, so backward recomputes them chunk by chunk.
+The tokens are cut into chunks. Without techniques, `_FusedLinearLoss` computes each chunk's fp32 logits
+once and turns them straight into the gradients of the loss (the loss is a scalar, so its gradient can be
+made in the forward pass and scaled in backward):
+    ∂loss/∂ℓ_n = [softmax(ℓ_n)·(1 + 2·w_z·lse_n) − onehot(y_n)] / N      (0 for ignored targets)
+    ∂loss/∂h_n = (∂loss/∂ℓ_n)·W,   ∂loss/∂W = Σ_n (∂loss/∂ℓ_n)ᵀ h_n
+so no logits are kept or recomputed. With techniques the chunk function is activation-checkpointed
+instead and autograd recomputes each chunk's logits in backward.
 """
 
 from __future__ import annotations
@@ -40,6 +45,44 @@ def _chunk_sums(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float 
     return ce_sum, z_sum
 
 
+class _FusedLinearLoss(torch.autograd.Function):
+    """(CE + w_z·z) over all tokens of h (N, D) against W (V, D), gradients made chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, z_loss_weight: float, chunk_tokens: int):
+        valid = targets != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        ce_sum = torch.zeros((), dtype=acc, device=h.device)
+        z_sum = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            stop = min(start + chunk_tokens, h.shape[0])
+            h_c, y, ok = h[start:stop], targets[start:stop], valid[start:stop]
+            logits = F.linear(h_c, weight).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            y_safe = y.clamp(min=0).unsqueeze(-1)
+            target_logit = logits.gather(-1, y_safe).squeeze(-1)
+            zero = torch.zeros((), dtype=acc, device=h.device)
+            ce_sum = ce_sum + torch.where(ok, lse - target_logit, zero).sum()
+            z_sum = z_sum + torch.where(ok, lse * lse, zero).sum()
+            scale = ok.to(acc) / count
+            grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' buffer
+            grad_logits.mul_((scale * (1 + 2 * z_loss_weight * lse)).unsqueeze(-1))
+            grad_logits.scatter_add_(-1, y_safe, -scale.unsqueeze(-1))
+            grad_h[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
+            grad_w += (grad_logits.t().to(h.dtype) @ h_c).to(acc)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        ce, z = ce_sum / count, z_sum / count
+        return ce + z_loss_weight * z, ce, z
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_ce: Tensor, _grad_z: Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
 def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, z_loss_weight: float,
                     chunk_tokens: int, softcap: float = 0.0, bias_ids: Tensor | None = None,
                     bias_weights: tuple[Tensor, ...] = ()) -> tuple[Tensor, dict[str, Tensor]]:
@@ -60,14 +103,16 @@ def chunked_lm_loss(hidden: Tensor, weight: Tensor, targets: Tensor, z_loss_weig
         raise ValueError(f"bias_ids shape {tuple(bias_ids.shape)} does not match targets {tuple(targets.shape)}")
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
+    if softcap <= 0 and bias_ids is None:
+        loss, ce, z = _FusedLinearLoss.apply(h, weight, t, float(z_loss_weight), int(chunk_tokens))
+        return loss, {"ce": ce.detach(), "z_loss": z.detach()}
     n_tokens = h.shape[0]
     ce_sum = h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32))
     z_sum = ce_sum
     ids = bias_ids.reshape(-1) if bias_ids is not None else None
-    plain = softcap <= 0 and ids is None
     for start in range(0, n_tokens, chunk_tokens):
         stop = min(start + chunk_tokens, n_tokens)
-        extra = () if plain else (softcap, None if ids is None else ids[start:stop], *bias_weights)
+        extra = (softcap, None if ids is None else ids[start:stop], *bias_weights)
         c, z = checkpoint(_chunk_sums, h[start:stop], weight, t[start:stop], *extra, use_reentrant=False)
         ce_sum = ce_sum + c
         z_sum = z_sum + z
