@@ -1,0 +1,169 @@
+"""The `kotodama` Prefect flow: resolve configs, plan the stages, run each as a cached task, track in MLflow.
+
+Deployments (infra/prefect.yaml) fix `pipeline`: `fullcorpus`, `bcpt`, `nca`. Parameters:
+  preset          which run configs: `proxy-108m` (the published recipes) or `tiny` (2-core CPU demo)
+  overrides       dotted config keys for the pipeline's run config, e.g. {"eval.limit": 8}
+  nca_overrides   the same for the NCA run config inside `fullcorpus`
+  init_checkpoint bcpt source: a training artifact folder or a .pt.zst file
+  init_run_id     bcpt source: an MLflow run (a fullcorpus flow's parent run or its train stage run)
+  init_step       the checkpoint step of that source (default: the bcpt config's train.init.step)
+
+Every stage is one task whose Prefect cache key is the stage digest; results (the manifest path) are kept
+under KOTODAMA_HOME/prefect-results, and a key is trusted only while its artifact folder holds a
+manifest, so a Prefect database reset loses nothing and a deleted artifact is rebuilt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
+from prefect.runtime import flow_run
+
+from flows import mlflow_runs
+from flows.launch import child_env, run_streaming, stage_command
+from flows.pipelines import build_plan
+from flows.plan import DEFAULT_PRESET, Step
+from flows.preflight import ARTIFACT_TAG
+from kotodama_core.artifacts import ArtifactError, kotodama_home, read_manifest
+from kotodama_core.config import dump_yaml
+from stages.tracking import ENV_PARENT_RUN_ID, ENV_RUN_ID
+
+TRAIN_RETRIES = 1
+
+
+def _digest_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    return f"kotodama-{parameters['stage']}-{parameters['digest']}"
+
+
+@task(cache_key_fn=_digest_key, persist_result=True, result_serializer="json")
+def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inputs: dict[str, str],
+              nproc: int, tracking: dict[str, str]) -> str:
+    """Run one stage in a child process (torchrun for training) and return its manifest path."""
+    logger = get_run_logger()
+    out_dir = Path(out)
+    if (out_dir / "manifest.json").is_file():
+        logger.info("%s: artifact already complete at %s", key, out_dir)
+        return str(out_dir / "manifest.json")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(out_dir.with_name(out_dir.name + ".lock"), "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RuntimeError(f"{key}: another process is producing {out_dir} right now") from None
+    run_id = None
+    try:
+        if tracking.get("parent_run_id"):
+            run_id = mlflow_runs.start_stage(
+                tracking["parent_run_id"], key,
+                {"kotodama.stage": stage, "kotodama.digest": digest, "kotodama.preset": tracking["preset"],
+                 ARTIFACT_TAG: str(out_dir)},
+                config_params(config_path), tracking["flow_run_id"])
+        cmd = stage_command(stage, Path(config_path), out_dir, {k: Path(v) for k, v in inputs.items()},
+                            nproc=nproc, run_id=digest[:16])
+        logger.info("%s: %s", key, " ".join(cmd))
+        env = child_env({ENV_RUN_ID: run_id or ""})
+        env.pop(ENV_PARENT_RUN_ID, None)
+        logs = kotodama_home() / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        run_streaming(cmd, env=env, on_line=lambda line: logger.info("%s | %s", key, line),
+                      log_file=logs / f"{key}-{digest[:16]}.log")
+        manifest = read_manifest(out_dir)
+        if manifest.digest != digest:
+            raise ArtifactError(f"{key}: stages.{stage} wrote digest {manifest.digest[:16]}, the plan predicted "
+                                f"{digest[:16]}: the stage and flows/plan.py disagree on the stage's config")
+        if run_id:
+            mlflow_runs.log_stage_outputs(run_id, manifest, Path(config_path))
+            mlflow_runs.end(run_id, ok=True)
+        return str(manifest.path)
+    except BaseException:
+        if run_id:
+            mlflow_runs.end(run_id, ok=False)
+        raise
+    finally:
+        lock.close()
+
+
+def config_params(config_path: str) -> dict[str, Any]:
+    """The resolved config as MLflow params (read back from the YAML the stage will load)."""
+    import yaml
+
+    return yaml.safe_load(Path(config_path).read_text())
+
+
+def _link_markdown(pipeline: str, preset: str, url: str | None, steps: list[Step]) -> str:
+    rows = "\n".join(f"| {s.key} | {s.stage} | `{s.digest[:16]}` | `{s.out}` |" for s in steps)
+    head = f"MLflow run: [{url}]({url})\n\n" if url else "MLflow tracking is off (MLFLOW_TRACKING_URI unset)\n\n"
+    return (f"# kotodama {pipeline} · {preset}\n\n{head}| step | stage | digest | artifact |\n|---|---|---|---|\n"
+            f"{rows}\n")
+
+
+@flow(name="kotodama")
+def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None,
+             nca_overrides: dict[str, Any] | None = None, init_checkpoint: str | None = None,
+             init_run_id: str | None = None, init_step: int | None = None) -> dict[str, str]:
+    logger = get_run_logger()
+    steps = build_plan(pipeline, preset, overrides, nca_overrides, init_checkpoint, init_run_id, init_step)
+    logger.info("plan: %s", ", ".join(f"{s.key}={s.digest[:12]}" for s in steps))
+    for s in steps:
+        s.config_path.parent.mkdir(parents=True, exist_ok=True)
+        s.config_path.write_text(dump_yaml(s.cfg))
+
+    flow_run_id = str(flow_run.id or "")
+    tracking: dict[str, str] = {"flow_run_id": flow_run_id, "preset": preset}
+    parent_id = url = None
+    if mlflow_runs.enabled():
+        main = steps[-1].cfg
+        tags = {"kotodama.pipeline": pipeline, "kotodama.preset": preset, "prefect.flow_run_id": flow_run_id,
+                "prefect.flow_run_url": str(flow_run.ui_url or "")}
+        params = {"pipeline": pipeline, "preset": preset, "overrides": overrides or {},
+                  "nca_overrides": nca_overrides or {}, "init_checkpoint": init_checkpoint or "",
+                  "init_run_id": init_run_id or "", "init_step": "" if init_step is None else init_step,
+                  **{f"config.{k}": v for k, v in main.model_dump(mode="json").items()}}
+        try:
+            parent_id, exp = mlflow_runs.start_parent(f"{pipeline}-{preset}-{flow_run.name or 'local'}", tags, params)
+        except Exception as exc:  # noqa: BLE001 - the pipeline runs without tracking rather than not at all
+            logger.warning("MLflow unreachable, this flow run is not tracked: %s", str(exc)[:300])
+        else:
+            url = mlflow_runs.run_url(parent_id, exp)
+            tracking["parent_run_id"] = parent_id
+            logger.info("MLflow run: %s", url)
+    create_markdown_artifact(key=f"kotodama-{pipeline}", markdown=_link_markdown(pipeline, preset, url, steps),
+                             description="MLflow run and stage artifacts of this flow run")
+
+    results: dict[str, str] = {}
+    storage = kotodama_home() / "prefect-results"
+    try:
+        for s in steps:
+            task_fn = run_stage.with_options(
+                name=s.key, task_run_name=s.key, result_storage=storage,
+                retries=TRAIN_RETRIES if s.is_training else 0, retry_delay_seconds=5,
+                refresh_cache=not s.manifest.is_file())
+            state = task_fn(key=s.key, stage=s.stage, digest=s.digest, config_path=str(s.config_path),
+                            out=str(s.out), inputs={k: str(v) for k, v in s.input_paths().items()},
+                            nproc=s.cfg.train.nproc, tracking=tracking, return_state=True)
+            results[s.key] = state.result()
+            if state.name == "Cached":
+                logger.info("%s: cached (%s)", s.key, s.out)
+                if parent_id:
+                    _record_cached(parent_id, s, tracking)
+    except BaseException:
+        if parent_id:
+            mlflow_runs.end(parent_id, ok=False)
+        raise
+    if parent_id:
+        mlflow_runs.end(parent_id, ok=True)
+    return results
+
+
+def _record_cached(parent_id: str, s: Step, tracking: dict[str, str]) -> None:
+    run_id = mlflow_runs.start_stage(
+        parent_id, s.key, {"kotodama.stage": s.stage, "kotodama.digest": s.digest, "kotodama.cached": "true",
+                           "kotodama.preset": tracking["preset"], ARTIFACT_TAG: str(s.out)},
+        {}, tracking["flow_run_id"])
+    mlflow_runs.client().log_artifact(run_id, str(s.manifest))
+    mlflow_runs.end(run_id, ok=True)

@@ -1,0 +1,125 @@
+"""Flow-side MLflow: one parent run per flow run, one nested run per stage, the artifacts each stage leaves.
+
+Tracking is on when `MLFLOW_TRACKING_URI` is set. Stage runs are tagged `kotodama.step` (the plan's step
+key), `kotodama.stage`, `kotodama.digest`, `kotodama.preset`, `kotodama.artifact_dir` and
+`prefect.flow_run_id`; a stage served from the cache gets a finished run tagged `kotodama.cached=true`.
+
+What is uploaded from a stage's artifact folder: its manifest and resolved config; small text/figure files
+(JSON, JSONL, YAML, HTML, PNG, SVG, CSV, Markdown: the rule bank, eval results, report and plots, metric
+logs); for training, the final model and the milestone checkpoints. Every other file (data shards, rolling
+checkpoints) is listed in `outputs.json` by path, bytes and sha256 instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from kotodama_core.artifacts import Manifest
+from kotodama_core.train.checkpoint import checkpoint_name
+from stages.tracking import flatten
+
+UPLOAD_SUFFIXES = {".json", ".jsonl", ".yaml", ".yml", ".html", ".png", ".svg", ".csv", ".md", ".txt"}
+UPLOAD_MAX_BYTES = 50 << 20
+EXPERIMENT = os.environ.get("KOTODAMA_MLFLOW_EXPERIMENT", "kotodama")
+
+
+def enabled() -> bool:
+    return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def run_url(run_id: str, experiment_id: str) -> str:
+    base = os.environ.get("KOTODAMA_MLFLOW_UI_URL") or os.environ["MLFLOW_TRACKING_URI"]
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def experiment_id(name: str = EXPERIMENT) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    # A training experiment: the MLflow 3 UI then opens on its runs, not on the GenAI overview.
+    return exp.experiment_id if exp else c.create_experiment(
+        name, tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v if isinstance(v, str) else json.dumps(v, default=str)[:6000])
+             for k, v in flatten(params).items()]
+    for i in range(0, len(items), 100):
+        client().log_batch(run_id, params=items[i:i + 100])
+
+
+def start_parent(run_name: str, tags: Mapping[str, str], params: Mapping[str, Any]) -> tuple[str, str]:
+    exp = experiment_id()
+    run = client().create_run(exp, run_name=run_name, tags=dict(tags))
+    log_params(run.info.run_id, params)
+    return run.info.run_id, exp
+
+
+def start_stage(parent_id: str, step_key: str, tags: Mapping[str, str], params: Mapping[str, Any],
+                flow_run_id: str) -> str:
+    """The nested run of `step_key` in this flow run: reused when a task retry comes back to it."""
+    c = client()
+    parent = c.get_run(parent_id)
+    found = c.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_id}' and tags.`kotodama.step` = '{step_key}'"
+        f" and tags.`prefect.flow_run_id` = '{flow_run_id}'"))
+    if found:
+        c.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    run = c.create_run(parent.info.experiment_id, run_name=step_key,
+                       tags={"mlflow.parentRunId": parent_id, "kotodama.step": step_key,
+                             "prefect.flow_run_id": flow_run_id, **tags})
+    log_params(run.info.run_id, params)
+    return run.info.run_id
+
+
+def end(run_id: str, ok: bool) -> None:
+    client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def _uploads(manifest: Manifest) -> list[str]:
+    keep = set()
+    if manifest.stage == "train":
+        keep.add(manifest.data.get("model_file", "model.pt.zst"))
+        for step in manifest.data.get("milestones", []) or []:
+            keep.add(f"checkpoints/{checkpoint_name(int(step))}")
+    for out in manifest.data["outputs"]:
+        if Path(out["path"]).suffix in UPLOAD_SUFFIXES and out["bytes"] <= UPLOAD_MAX_BYTES:
+            keep.add(out["path"])
+    return sorted(p for p in keep if (manifest.root / p).is_file())
+
+
+def log_stage_outputs(run_id: str, manifest: Manifest, config_path: Path) -> None:
+    """Manifest, resolved config, headline metrics, selected files; the rest listed with sha256."""
+    c = client()
+    c.log_artifact(run_id, str(manifest.path))
+    c.log_artifact(run_id, str(config_path), "config")
+    uploaded = _uploads(manifest)
+    for rel in uploaded:
+        parent = str(Path("outputs", rel).parent)
+        c.log_artifact(run_id, str(manifest.root / rel), parent)
+    listing = [{**o, "uploaded": o["path"] in uploaded, "local_path": str(manifest.root / o["path"])}
+               for o in manifest.data["outputs"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp, "outputs.json")
+        p.write_text(json.dumps(listing, indent=1))
+        c.log_artifact(run_id, str(p))
+    metrics = {k: v for k, v in flatten(manifest.data.get("metrics", {})).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if metrics:
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), ts, 0) for k, v in metrics.items()])

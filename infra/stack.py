@@ -1,0 +1,253 @@
+"""The local stack on 127.0.0.1: Prefect server (SQLite) + process work pool and worker + MLflow server.
+
+    python -m infra.stack up       start everything, deploy infra/prefect.yaml, print both UI URLs
+    python -m infra.stack status   what runs, where
+    python -m infra.stack down     stop exactly the processes `up` started (pid files in the state dir)
+    python -m infra.stack demo     up, then tiny fullcorpus end to end, then tiny bcpt from its milestone
+
+State lives in KOTODAMA_STACK_DIR (default KOTODAMA_HOME/stack, KOTODAMA_HOME defaulting to ./.kotodama):
+pid files, logs, the Prefect home and database, the MLflow database and artifact root, and `stack.env`
+(the URLs, for `source`-ing in a shell). Ports: KOTODAMA_PREFECT_PORT (4200) and KOTODAMA_MLFLOW_PORT
+(5000); 0 picks free ports. Telemetry of both servers is off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+POOL = "kotodama-local"
+PROCESSES = ("prefect-server", "mlflow-server", "prefect-worker")
+
+
+@dataclass(frozen=True)
+class Stack:
+    state: Path
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> "Stack":
+        home = Path(os.environ.get("KOTODAMA_HOME", REPO_ROOT / ".kotodama")).resolve()
+        state = Path(os.environ.get("KOTODAMA_STACK_DIR", home / "stack")).resolve()
+        return cls(state=state, home=home)
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / f"{name}.pid"
+
+    @property
+    def env_file(self) -> Path:
+        return self.state / "stack.json"
+
+    def urls(self) -> dict[str, str]:
+        return json.loads(self.env_file.read_text()) if self.env_file.is_file() else {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port(name: str, default: int) -> int:
+    value = int(os.environ.get(name, default))
+    return value or free_port()
+
+
+def quiet_env() -> dict[str, str]:
+    """Telemetry and hub access off."""
+    return {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            # MLflow's GenAI job runner (a pool of huey consumers) has nothing to do here.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def stack_env(stack: Stack, urls: dict[str, str]) -> dict[str, str]:
+    """What every process of the stack (and a client talking to it) needs."""
+    prefect_home = stack.state / "prefect"
+    return {
+        **quiet_env(),
+        "PREFECT_HOME": str(prefect_home),
+        "PREFECT_API_URL": urls["prefect_api"],
+        "PREFECT_UI_URL": urls["prefect_ui"],
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{prefect_home / 'prefect.db'}",
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
+        "MLFLOW_TRACKING_URI": urls["mlflow"],
+        "KOTODAMA_MLFLOW_UI_URL": urls["mlflow"],
+        "KOTODAMA_HOME": str(stack.home),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie child of ours counts as gone, and is reaped)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def running(stack: Stack) -> dict[str, int]:
+    out = {}
+    for name in PROCESSES:
+        f = stack.pid_file(name)
+        if f.is_file():
+            pid = int(f.read_text().strip())
+            if _alive(pid):
+                out[name] = pid
+    return out
+
+
+def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str]) -> int:
+    log = open(stack.state / f"{name}.log", "a")
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    stack.pid_file(name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def _wait_http(url: str, name: str, pid: int, stack: Stack, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not _alive(pid):
+            raise RuntimeError(f"{name} exited during startup; see {stack.state / (name + '.log')}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} did not answer at {url} within {timeout:.0f}s; see {stack.state / (name + '.log')}")
+
+
+def _prefect(args: list[str], env: dict[str, str]) -> None:
+    res = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+
+def up(stack: Stack | None = None) -> dict[str, str]:
+    stack = stack or Stack.from_env()
+    already = running(stack)
+    if already:
+        if set(already) == set(PROCESSES):
+            print(f"stack already up ({stack.state})")
+            return stack.urls()
+        raise RuntimeError(f"part of the stack runs ({sorted(already)}); run `down` first")
+    stack.state.mkdir(parents=True, exist_ok=True)
+    (stack.state / "prefect").mkdir(exist_ok=True)
+    (stack.state / "mlflow" / "artifacts").mkdir(parents=True, exist_ok=True)
+    p_port, m_port = _port("KOTODAMA_PREFECT_PORT", 4200), _port("KOTODAMA_MLFLOW_PORT", 5000)
+    urls = {"prefect_ui": f"http://127.0.0.1:{p_port}", "prefect_api": f"http://127.0.0.1:{p_port}/api",
+            "mlflow": f"http://127.0.0.1:{m_port}"}
+    env = {**os.environ, **stack_env(stack, urls)}
+    try:
+        pid = _spawn(stack, "prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                              "--port", str(p_port)], env)
+        mdb = stack.state / "mlflow" / "mlflow.db"
+        mpid = _spawn(stack, "mlflow-server", [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(m_port),
+            "--backend-store-uri", f"sqlite:///{mdb}", "--artifacts-destination",
+            str(stack.state / "mlflow" / "artifacts"), "--serve-artifacts", "--workers", "1"], env)
+        _wait_http(urls["prefect_api"] + "/health", "prefect-server", pid, stack)
+        _wait_http(urls["mlflow"] + "/health", "mlflow-server", mpid, stack)
+        _prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+        _prefect(["deploy", "--all", "--prefect-file", str(REPO_ROOT / "infra" / "prefect.yaml")], env)
+        stack.env_file.write_text(json.dumps(urls, indent=1))
+        start_worker(stack)
+    except BaseException:
+        down(stack, quiet=True)
+        raise
+    (stack.state / "stack.env").write_text("".join(
+        f"export {k}={v}\n" for k, v in stack_env(stack, urls).items() if k != "PYTHONPATH"))
+    print(f"Prefect UI:  {urls['prefect_ui']}\nMLflow UI:   {urls['mlflow']}\n"
+          f"client env:  source {stack.state / 'stack.env'}")
+    return urls
+
+
+def start_worker(stack: Stack) -> int:
+    """(Re)start the process worker of the pool; one flow run at a time on this machine."""
+    env = {**os.environ, **stack_env(stack, stack.urls())}
+    return _spawn(stack, "prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL,
+                                            "--type", "process", "--limit", "1"], env)
+
+
+def down(stack: Stack | None = None, quiet: bool = False) -> None:
+    """SIGTERM each started process group (workers first), SIGKILL what is left after 20 s."""
+    stack = stack or Stack.from_env()
+    for name in reversed(PROCESSES):
+        f = stack.pid_file(name)
+        if not f.is_file():
+            continue
+        pid = int(f.read_text().strip())
+        if _alive(pid):
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            end = time.monotonic() + 20
+            while _alive(pid) and time.monotonic() < end:
+                time.sleep(0.2)
+            if _alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if not quiet:
+                print(f"stopped {name} (pid {pid})")
+        f.unlink(missing_ok=True)
+    stack.env_file.unlink(missing_ok=True)
+
+
+def status(stack: Stack | None = None) -> int:
+    stack = stack or Stack.from_env()
+    procs = running(stack)
+    for name in PROCESSES:
+        print(f"{name:15s} {'pid ' + str(procs[name]) if name in procs else 'not running'}")
+    for k, v in stack.urls().items():
+        print(f"{k:15s} {v}")
+    return 0 if len(procs) == len(PROCESSES) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m infra.stack")
+    parser.add_argument("command", choices=["up", "down", "status", "demo"])
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        up()
+    elif args.command == "down":
+        down()
+    elif args.command == "status":
+        return status()
+    else:
+        from infra.demo import demo
+
+        return demo()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
