@@ -22,6 +22,7 @@ from kotodama_core.eval.config import EvalConfig, ReportConfig
 from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.nca.config import NCAConfig
 from kotodama_core.optim.config import OptimConfig, ScheduleConfig
+from kotodama_core.quant.config import ExportConfig
 from kotodama_core.schema import StrictModel
 from kotodama_core.train.config import TrainConfig
 
@@ -43,6 +44,7 @@ class RunConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     report: ReportConfig = ReportConfig()
+    export: ExportConfig = ExportConfig()
 
     def section(self, name: str) -> dict[str, Any]:
         """The resolved section as plain JSON-able data."""

@@ -80,11 +80,15 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
             metrics = {"final_loss": result.final_loss, "tokens_seen": result.tokens_seen, "steps": result.steps}
             if result.val_loss is not None:
                 metrics["val_loss"] = result.val_loss
+            if result.val_loss_averaged is not None:
+                metrics["val_loss_averaged"] = result.val_loss_averaged
             write_manifest(work, stage=STAGE, config={s: cfg.section(s) for s in SECTIONS},
                            inputs={"data": data, **init_manifest}, metrics=metrics,
                            extra={"model_file": "model.pt.zst", "checkpoints": result.checkpoints,
                                   "milestones": list(cfg.train.checkpoint.milestones),
-                                  "init": result.metrics.get("init"), "resumed_from": result.resumed_from})
+                                  "init": result.metrics.get("init"), "resumed_from": result.resumed_from,
+                                  "averaged_model_file": result.averaged_model_file,
+                                  "averaging_updates": result.averaging_updates})
             commit(out)
         barrier(info)
     finally:

@@ -30,14 +30,19 @@ def _model_config_from(obj: Any) -> KotodamaConfig | None:
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, KotodamaConfig | None]:
+def resolve_checkpoint(path: str | Path, averaged: bool = True) -> tuple[Path, KotodamaConfig | None]:
     """(weights file, model config if the checkpoint says) for an artifact folder or a .pt.zst file.
 
-    A training artifact folder holds `model.pt.zst` and a manifest whose config carries the model section.
+    A training artifact folder holds `model.pt.zst` and a manifest whose config carries the model section;
+    when its manifest names an `averaged_model_file` (EMA/SWA weights) that file is used unless
+    averaged=False.
     """
     p = Path(path).expanduser()
     if p.is_dir():
         weights = p / "model.pt.zst"
+        avg_name = _manifest_field(p, "averaged_model_file") if averaged else None
+        if avg_name and (p / avg_name).is_file():
+            weights = p / avg_name
         if not weights.is_file():
             steps = sorted((p / "checkpoints").glob("step_*.pt.zst"))
             if not steps:
@@ -55,15 +60,20 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, KotodamaConfig | None]:
     return p, None
 
 
+def _manifest_field(folder: Path, key: str):
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()).get(key) if manifest.is_file() else None
+
+
 def load_checkpoint_model(path: str | Path, model_config: KotodamaConfig | None = None,
-                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                          ) -> tuple[KotodamaLM, KotodamaConfig]:
+                          device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                          averaged: bool = True) -> tuple[KotodamaLM, KotodamaConfig]:
     """Load KotodamaLM weights; the config comes from the checkpoint itself, else `model_config`.
 
     A state dict of another architecture (other keys or shapes) raises CheckpointError naming the
     mismatch.
     """
-    weights, cfg = resolve_checkpoint(path)
+    weights, cfg = resolve_checkpoint(path, averaged)
     obj = load_pt_zst(weights, weights_only=True)
     cfg = _model_config_from(obj) or cfg or model_config
     if cfg is None:

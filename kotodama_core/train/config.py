@@ -1,4 +1,5 @@
-"""Training-stage config section: batch, length, precision, checkpoints, init mode, monitoring."""
+"""Training-stage config section: batch, length, precision, checkpoints, init mode, monitoring,
+weight averaging and quantization-aware training."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from kotodama_core.quant.config import QATConfig
 from kotodama_core.schema import StrictModel
 
 
@@ -35,6 +37,27 @@ class MonitorConfig(StrictModel):
     probe_seed: int = 1234
 
 
+class AveragingConfig(StrictModel):
+    """none; ema: ema <- decay·ema + (1 - decay)·w after every step; swa: uniform mean of snapshots taken
+    every `swa_every` steps once the LR multiplier is below `swa_lr_threshold`. Eval and export use the
+    averaged weights (model_avg.pt.zst) when a run wrote them."""
+
+    kind: Literal["none", "ema", "swa"] = "none"
+    decay: float = 0.997
+    swa_every: int = 50
+    swa_lr_threshold: float = 0.2
+
+    @model_validator(mode="after")
+    def _check(self) -> "AveragingConfig":
+        if not 0.0 < self.decay < 1.0:
+            raise ValueError(f"train.averaging.decay must lie in (0, 1), got {self.decay}")
+        if self.swa_every < 1:
+            raise ValueError(f"train.averaging.swa_every must be positive, got {self.swa_every}")
+        if self.swa_lr_threshold <= 0:
+            raise ValueError(f"train.averaging.swa_lr_threshold must be positive, got {self.swa_lr_threshold}")
+        return self
+
+
 class TrainConfig(StrictModel):
     seed: int = 0
     seq_len: int = 4096
@@ -52,6 +75,8 @@ class TrainConfig(StrictModel):
     checkpoint: CheckpointConfig = CheckpointConfig()
     init: InitConfig = InitConfig()
     monitor: MonitorConfig = MonitorConfig()
+    averaging: AveragingConfig = AveragingConfig()
+    qat: QATConfig = QATConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

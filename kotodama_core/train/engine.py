@@ -2,16 +2,21 @@
 
 Everything a step depends on (weights, both optimizer states, data position, RNG) is in the checkpoint,
 so a run restarted from `step_N` continues exactly as the uninterrupted run would have (bit for bit on
-CPU). Restarting is automatic: the newest readable checkpoint in the work folder wins over `init`.
+CPU); with weight averaging on, the averaged tensors are in it too. Restarting is automatic: the newest
+readable checkpoint in the work folder wins over `init`. Options: weight averaging (`train.averaging`,
+written as `model_avg.pt.zst` at the end) and straight-through QAT over the last fraction of the steps
+(`train.qat`; the metrics record `qat` = 1 on fake-quantized steps).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import signal
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,7 @@ from kotodama_core.config import RunConfig, digest
 from kotodama_core.data.loader import TokenLoader
 from kotodama_core.model import KotodamaLM
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
+from kotodama_core.optim.averaging import WeightAverager
 from kotodama_core.train import checkpoint as ckpt
 from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
                                              init_distributed)
@@ -33,6 +39,7 @@ MetricsSink = Callable[[dict[str, float], int], None]
 
 # Fault injection for tests and drills: the main process SIGKILLs itself right after this step's checkpoint.
 FAULT_KILL_ENV = "KOTODAMA_FAULT_KILL_AT_STEP"
+AVERAGED_MODEL_FILE = "model_avg.pt.zst"
 
 
 class TrainingError(RuntimeError):
@@ -48,6 +55,9 @@ class TrainResult:
     resumed_from: int | None
     checkpoints: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    averaged_model_file: str | None = None   # relative to the work folder; None without averaging
+    val_loss_averaged: float | None = None
+    averaging_updates: int = 0
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -144,6 +154,15 @@ class RunState:
     tokens_seen: int
     origin: str
     resumed: bool
+    averager: WeightAverager | None = None
+
+
+def _build_averager(model: KotodamaLM, cfg: RunConfig) -> WeightAverager | None:
+    a = cfg.train.averaging
+    if a.kind == "none":
+        return None
+    return WeightAverager(model, a.kind, decay=a.decay, swa_every=a.swa_every,
+                          swa_lr_threshold=a.swa_lr_threshold)
 
 
 def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
@@ -162,7 +181,8 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
         resumed = (int(state["step"]), state)
     if resumed is None:
         origin = _initial_weights(model, cfg, init_path)
-        return RunState(model, build_optimizer(model, cfg.optim), loader, 0, 0, origin, False)
+        return RunState(model, build_optimizer(model, cfg.optim), loader, 0, 0, origin, False,
+                        _build_averager(model, cfg))
     start_step, state = resumed
     if state.get("model_digest", digest(cfg.section("model"))) != digest(cfg.section("model")):
         raise TrainingError(f"checkpoint step {start_step} was written for another model config; "
@@ -176,7 +196,18 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
                             f"{info.world_size}: restart with --nproc_per_node {len(loaders)}")
     loader.load_state_dict(loaders[info.rank])
     ckpt.set_rng_state(state["rng"][info.rank])
-    return RunState(model, optimizer, loader, start_step, int(state["tokens_seen"]), f"resume:{start_step}", True)
+    averager = _build_averager(model, cfg)
+    if averager is not None:
+        if state.get("averaging") is None:
+            warnings.warn(f"checkpoint step {start_step} holds no averaging state; the "
+                          f"{averager.kind} average starts from the resumed weights", stacklevel=2)
+        else:
+            try:
+                averager.load_state_dict(state["averaging"])
+            except ValueError as exc:
+                raise TrainingError(f"checkpoint step {start_step}: {exc}") from None
+    return RunState(model, optimizer, loader, start_step, int(state["tokens_seen"]), f"resume:{start_step}", True,
+                    averager)
 
 
 def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None = None,
@@ -190,7 +221,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     ckdir = work / "checkpoints"
     metrics_path, geo_path = work / "metrics.jsonl", work / "geo_metrics.jsonl"
     run = prepare_run(cfg, data_dir, work, info, init_path)
-    model, optimizer, loader = run.model, run.optimizer, run.loader
+    model, optimizer, loader, averager = run.model, run.optimizer, run.loader, run.averager
     start_step, tokens_seen = run.start_step, run.tokens_seen
     if info.is_main:
         work.mkdir(parents=True, exist_ok=True)
@@ -201,8 +232,17 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     if info.distributed:
         fwd = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    qat_fwd, qat_start = None, total_steps
+    if tcfg.qat.enabled:
+        from kotodama_core.quant.qat import QuantAwareForward, qat_start_step
+        qat_fwd = QuantAwareForward(fwd, tcfg.qat.bits)
+        qat_start = qat_start_step(total_steps, tcfg.qat.start_fraction)
     if tcfg.compile:
-        fwd = torch.compile(fwd)
+        # Compiled separately, so the switch to QAT costs one new graph rather than a recompile per step.
+        qat_fwd = torch.compile(qat_fwd) if qat_fwd is not None else None
+        fwd_plain = torch.compile(fwd)
+    else:
+        fwd_plain = fwd
 
     monitor, probe = None, None
     layers = [i for i in tcfg.monitor.layers if i < cfg.model.num_layers]
@@ -224,18 +264,22 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     for step in range(start_step, total_steps):
         mult = wsd_lr_multiplier(step, total_steps, cfg.schedule)
         optimizer.set_lr_multiplier(mult)
+        qat_on = qat_fwd is not None and step >= qat_start
+        call = qat_fwd if qat_on else fwd_plain
         sums = torch.zeros(2, device=device)  # loss, ce summed over micro-steps
         for micro in range(accum):
             batch = loader.next_batch().to(device, non_blocking=True)
             sync = info.distributed and micro < accum - 1
             with (fwd.no_sync() if sync and hasattr(fwd, "no_sync") else nullcontext()):
                 with _autocast(cfg, device):
-                    loss, parts = fwd(batch[:, :-1], batch[:, 1:])
+                    loss, parts = call(batch[:, :-1], batch[:, 1:])
                 (loss / accum).backward()
             sums += torch.stack([loss.detach().float(), parts["ce"].detach().float()])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if averager is not None:
+            averager.update(model, step + 1, mult, in_warmup=step < cfg.schedule.warmup_steps)
         tokens_seen += tcfg.global_batch_tokens
         steps_since_log += 1
         mean_loss, mean_ce = (float(v) for v in all_reduce_mean(sums / accum, info))
@@ -256,6 +300,10 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
                       "step_ms": dt * 1e3}
             if peak:
                 record["mfu"] = tok_s * flops_token / (peak * info.world_size)
+            if qat_fwd is not None:
+                record["qat"] = int(qat_on)
+            if averager is not None:
+                record["avg_updates"] = averager.updates
             _append_jsonl(metrics_path, record)
             if on_metrics:
                 on_metrics({k: v for k, v in record.items() if k != "step"}, step)
@@ -279,6 +327,8 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
                          "tokens_seen": tokens_seen, "loader": loader_states, "rng": rngs,
                          "config": cfg.model_dump(mode="json"), "config_digest": digest(cfg.model_dump(mode="json")),
                          "model_digest": digest(cfg.section("model")), "total_steps": total_steps}
+                if averager is not None:
+                    state["averaging"] = averager.state_dict()
                 path = ckpt.save_checkpoint(ckdir, done, state, keep_last=tcfg.checkpoint.keep_last,
                                             milestones=sorted(milestones))
                 written.append(path.name)
@@ -286,12 +336,24 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             if fault_step and done == fault_step and info.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    val_loss = None
+    val_loss, val_avg, avg_file = None, None, None
     if info.is_main:
         val_loss = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
         ckpt.save_pt_zst(model.state_dict(), work / "model.pt.zst")
+        if averager is not None and averager.ready:
+            avg_state = averager.averaged_state_dict(model)
+            ckpt.save_pt_zst(avg_state, work / AVERAGED_MODEL_FILE)
+            avg_file = AVERAGED_MODEL_FILE
+            averaged = copy.deepcopy(model)  # keeps non-persistent buffers (RoPE tables) as they are
+            averaged.load_state_dict(avg_state)
+            val_avg = evaluate_loss(averaged, data_dir, cfg, device, tcfg.val_batches)
+        elif averager is not None:
+            warnings.warn(f"{averager.kind}: no snapshot was taken (the LR multiplier never fell below "
+                          f"{tcfg.averaging.swa_lr_threshold} on a multiple of {tcfg.averaging.swa_every} "
+                          "steps); no averaged model is written", stacklevel=2)
     barrier(info)
     return TrainResult(steps=total_steps, tokens_seen=tokens_seen, final_loss=last_loss, val_loss=val_loss,
                        resumed_from=start_step if run.resumed else None,
                        checkpoints=[p.name for _, p in ckpt.list_checkpoints(ckdir)],
-                       metrics={"init": run.origin})
+                       metrics={"init": run.origin}, averaged_model_file=avg_file, val_loss_averaged=val_avg,
+                       averaging_updates=averager.updates if averager is not None else 0)
