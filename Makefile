@@ -7,6 +7,9 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
+# One OpenMP thread per torch process: tiny CPU models gain nothing from more, and on a 2-core machine
+# running a Prefect server, a worker and MLflow, oversubscribed threads stall every small op (3-5x slower).
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test test-fast up down status bench clean
 

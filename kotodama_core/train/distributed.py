@@ -37,6 +37,10 @@ def init_distributed(device: str | None = None) -> DistInfo:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+            # Processes on one host share its cores; oversubscribed OpenMP threads stall every small op.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30),
                                 **({"device_id": dev} if use_cuda else {}))

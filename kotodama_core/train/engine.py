@@ -100,8 +100,34 @@ def _check_vocab(cfg: RunConfig, data_dir: Path) -> None:
         raise TrainingError(f"data vocabulary ({vocab}) exceeds model.vocab_size ({cfg.model.vocab_size})")
 
 
-def _initial_weights(model: KotodamaLM, cfg: RunConfig, init_path: Path | None) -> str:
+# Tokens of the train split counted for a count-initialized bigram logit head (the shards are globally
+# shuffled, so the first windows are a fair sample).
+BIGRAM_COUNT_TOKENS = 50_000_000
+
+
+def _init_bigram_head(model: KotodamaLM, cfg: RunConfig, data_dir: Path) -> None:
+    """Load clip(log p(b|a) − log p(b), ±clip) from train-split counts into the bigram logit head."""
+    from kotodama_core.model.techniques.bigram_logits import bigram_log_ratio_table, top_token_ids
+
+    spec = cfg.model.techniques.bigram_logits
+    loader = TokenLoader(data_dir, split="train", batch_size=64)
+    rows, seen = [], 0
+    for batch in loader.iter_eval_batches(64, split="train"):
+        rows.append(batch)
+        seen += batch.numel()
+        if seen >= BIGRAM_COUNT_TOKENS:
+            break
+    tokens = torch.cat(rows)
+    vocab = cfg.model.vocab_size
+    support = top_token_ids(tokens, spec.support_tokens, vocab) if spec.support_tokens > 0 else None
+    table = bigram_log_ratio_table(tokens, vocab, spec.smoothing, spec.clip, support)
+    model.bigram_logits.load_table(table.to(model.embed_tokens.weight.device), support)
+
+
+def _initial_weights(model: KotodamaLM, cfg: RunConfig, init_path: Path | None, data_dir: Path) -> str:
     mode = cfg.train.init.mode
+    if cfg.model.techniques.bigram_logits.enabled:
+        _init_bigram_head(model, cfg, data_dir)
     if mode == "scratch":
         return "scratch"
     if init_path is None:
@@ -180,7 +206,7 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
         state = ckpt.load_pt_zst(init_path)
         resumed = (int(state["step"]), state)
     if resumed is None:
-        origin = _initial_weights(model, cfg, init_path)
+        origin = _initial_weights(model, cfg, init_path, data_dir)
         return RunState(model, build_optimizer(model, cfg.optim), loader, 0, 0, origin, False,
                         _build_averager(model, cfg))
     start_step, state = resumed
@@ -230,8 +256,10 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
 
     fwd = model
     if info.distributed:
+        # Depth-recurrence parameters get no gradient before recurrence switches on.
         fwd = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=model.has_conditionally_unused_parameters())
     qat_fwd, qat_start = None, total_steps
     if tcfg.qat.enabled:
         from kotodama_core.quant.qat import QuantAwareForward, qat_start_step
@@ -262,6 +290,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     model.train()
     t_last, steps_since_log = time.perf_counter(), 0
     for step in range(start_step, total_steps):
+        model.set_training_progress(step / total_steps)
         mult = wsd_lr_multiplier(step, total_steps, cfg.schedule)
         optimizer.set_lr_multiplier(mult)
         qat_on = qat_fwd is not None and step >= qat_start
