@@ -1,7 +1,7 @@
 """Pipelines as plans: which stages run, with which resolved config, inputs and digest — before anything runs.
 
 A plan is a list of `Step`s in run order. Every step's digest is the stage digest of the contract
-(stage name, the config sections the stage module names in `SECTIONS`, the digests of its inputs, code
+(stage name, the stage module's `config_section(cfg)`, the digests of its inputs, code
 version), predicted from the configs alone: an upstream step's digest is what its manifest will hold, and
 an input that is a file outside the pipeline (a `.pt.zst` checkpoint) counts by its sha256, as the train
 stage counts it. So the artifact folder, the Prefect cache key and "what must rerun" are all known up front.
@@ -96,13 +96,6 @@ def stage_available(stage: str) -> bool:
     return importlib.util.find_spec(f"stages.{stage}") is not None
 
 
-def stage_sections(stage: str) -> tuple[str, ...]:
-    sections = getattr(stage_module(stage), "SECTIONS", None)
-    if not sections:
-        raise ConfigError(f"stages.{stage} does not declare SECTIONS (the config sections its digest covers)")
-    return tuple(sections)
-
-
 def _input_digest(value: "Step | Path") -> str:
     if isinstance(value, Step):
         return value.digest
@@ -113,24 +106,11 @@ def _input_digest(value: "Step | Path") -> str:
 
 
 def stage_config(stage: str, cfg: RunConfig) -> dict[str, Any]:
-    """The config the stage folds into its digest: `config_section(cfg)` when the stage module defines it
-    (a stage that covers only part of a section), else its `SECTIONS` of the resolved config."""
-    module = stage_module(stage)
-    custom = getattr(module, "config_section", None)
-    if custom is not None:
-        return custom(cfg)
-    if not getattr(module, "SECTIONS", None) and stage in _DIGEST_CONFIG:
-        return _DIGEST_CONFIG[stage](cfg)
-    return {s: cfg.section(s) for s in stage_sections(stage)}
-
-
-# What a stage module that declares neither `config_section` nor `SECTIONS` passes to write_manifest
-# (kept in step with stages/<name>.py; run_stage checks every manifest's digest against the plan).
-_DIGEST_CONFIG = {
-    "data": lambda cfg: cfg.data.digest_section(),
-    "eval": lambda cfg: {"eval": cfg.section("eval"), "model": cfg.section("model")},
-    "report": lambda cfg: {"report": cfg.section("report")},
-}
+    """The config the stage folds into its digest: its module's `config_section(cfg)`."""
+    section = getattr(stage_module(stage), "config_section", None)
+    if section is None:
+        raise ConfigError(f"stages.{stage} does not define config_section(cfg) (what its digest covers)")
+    return section(cfg)
 
 
 def make_step(key: str, stage: str, cfg: RunConfig, inputs: Mapping[str, "Step | Path"]) -> Step:

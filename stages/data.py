@@ -17,6 +17,11 @@ from kotodama_core.data.tokenizer import TokenizerError
 from stages.common import main
 
 
+def config_section(cfg: RunConfig) -> dict:
+    """The data section without the executor settings, which never change the bytes written."""
+    return cfg.data.digest_section()
+
+
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     if inputs:
         raise ConfigError(f"the data stage takes no --input, got {sorted(inputs)}")
@@ -26,7 +31,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         extra, metrics = build_dataset(cfg.data, work)
     except (DataInputError, TokenizerError) as exc:
         raise ConfigError(str(exc)) from exc
-    artifacts.write_manifest(work, stage="data", config=cfg.data.digest_section(), inputs={},
+    artifacts.write_manifest(work, stage="data", config=config_section(cfg), inputs={},
                              metrics=metrics, extra=extra)
     return artifacts.commit(out)
 

@@ -16,6 +16,10 @@ from kotodama_core.eval.results import markdown_table
 from stages.common import input_manifests, main
 
 
+def config_section(cfg: RunConfig) -> dict:
+    return {"eval": cfg.section("eval"), "model": cfg.section("model")}
+
+
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     from kotodama_core.eval.harness import run_tasks
     from kotodama_core.eval.lm_eval_adapter import KotodamaEvalLM
@@ -47,7 +51,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     if "val_bpb" in report:
         table += f"\nval_bpb (held-out training mix): {report['val_bpb']['val_bpb']:.4f}\n"
     (work / "results.md").write_text(table)
-    write_manifest(work, stage="eval", config={"eval": cfg.section("eval"), "model": cfg.section("model")},
+    write_manifest(work, stage="eval", config=config_section(cfg),
                    inputs=manifests, metrics=metrics, extra={"task_errors": report["errors"]})
     return commit(out)
 

@@ -57,6 +57,10 @@ def _val_scores(model, data_root: Path, cfg: RunConfig, device: torch.device) ->
                    stride=min(cfg.export.stride, context), device=device)
 
 
+def config_section(cfg: RunConfig) -> dict:
+    return {"export": cfg.section("export"), "model": cfg.section("model")}
+
+
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     from kotodama_core.eval.loading import load_checkpoint_model, resolve_checkpoint, select_device
     from kotodama_core.quant.artifact import compress, load_quantized_model, pack_state_dict
@@ -112,7 +116,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
 
     (work / "code_files.json").write_text(json.dumps(
         [{"path": os.path.relpath(f, REPO_ROOT), "bytes": f.stat().st_size} for f in files], indent=2))
-    write_manifest(work, stage=STAGE, config={"export": cfg.section("export"), "model": cfg.section("model")},
+    write_manifest(work, stage=STAGE, config=config_section(cfg),
                    inputs=manifests, metrics=metrics,
                    extra={"artifact_file": ARTIFACT_FILE, "source_weights": weights_file.name,
                           "codec": ec.codec, "bits_by_tensor": {e["name"]: e["bits"] for e in packed.header["tensors"]}})

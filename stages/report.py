@@ -20,6 +20,10 @@ from stages.common import input_manifests, main
 SINGLE_INPUTS = ("train", "eval", "nca_train", "boundaries")
 
 
+def config_section(cfg: RunConfig) -> dict:
+    return {"report": cfg.section("report")}
+
+
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     if not inputs:
         raise ArtifactError("report stage needs --input train=… (one run) or several report artifacts")
@@ -47,7 +51,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     work = begin(out)
     (work / page_name).write_text(body, encoding="utf-8")
     (work / "summary.json").write_text(json.dumps(summaries, default=_jsonable, indent=1))
-    write_manifest(work, stage="report", config={"report": cfg.section("report")}, inputs=manifests,
+    write_manifest(work, stage="report", config=config_section(cfg), inputs=manifests,
                    metrics={"notes": sum(len(s["notes"]) for s in summaries)}, extra={"page": page_name})
     return commit(out)
 

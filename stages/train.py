@@ -22,6 +22,10 @@ SECTIONS = ("model", "optim", "schedule", "train")
 STAGE = "train"
 
 
+def config_section(cfg: RunConfig) -> dict:
+    return {s: cfg.section(s) for s in SECTIONS}
+
+
 def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, dict[str, Manifest]]:
     """The checkpoint file to initialise from, and the manifest to fold into this stage's digest."""
     source = inputs.get("init")
@@ -82,7 +86,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
                 metrics["val_loss"] = result.val_loss
             if result.val_loss_averaged is not None:
                 metrics["val_loss_averaged"] = result.val_loss_averaged
-            write_manifest(work, stage=STAGE, config={s: cfg.section(s) for s in SECTIONS},
+            write_manifest(work, stage=STAGE, config=config_section(cfg),
                            inputs={"data": data, **init_manifest}, metrics=metrics,
                            extra={"model_file": "model.pt.zst", "checkpoints": result.checkpoints,
                                   "milestones": list(cfg.train.checkpoint.milestones),
