@@ -41,7 +41,7 @@ def artifact_from_mlflow_run(run_id: str) -> Path:
 
 def checkpoint_file(source: Path, step: int | None) -> Path:
     """The file a training run initialised from `source` at `step` will read; clear errors if absent."""
-    from kotodama_core.train.checkpoint import checkpoint_name, list_checkpoints
+    from kotodama_core.train.checkpoint import artifact_weights
 
     source = Path(source).expanduser()
     if source.is_file() and source.name != MANIFEST:
@@ -51,14 +51,7 @@ def checkpoint_file(source: Path, step: int | None) -> Path:
     manifest = read_manifest(source)
     if manifest.stage != "train":
         raise ArtifactError(f"{source} is a {manifest.stage!r} artifact, not a training artifact")
-    if step is None:
-        path = manifest.root / "model.pt.zst"
-    else:
-        path = manifest.root / "checkpoints" / checkpoint_name(step)
-    if not path.is_file():
-        have = [s for s, _ in list_checkpoints(manifest.root / "checkpoints")]
-        raise ArtifactError(f"{manifest.root} has no checkpoint for step {step}; it keeps steps {have}")
-    return path
+    return artifact_weights(manifest.root, step)
 
 
 def check_fits_model(path: Path, cfg: RunConfig) -> None:

@@ -23,7 +23,7 @@ def config_section(cfg: RunConfig) -> dict:
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     from kotodama_core.eval.harness import run_tasks
     from kotodama_core.eval.lm_eval_adapter import KotodamaEvalLM
-    from kotodama_core.eval.val_bpb import token_byte_lengths, val_bpb
+    from kotodama_core.eval.val_bpb import val_bpb_for
 
     if "checkpoint" not in inputs:
         raise ArtifactError("eval stage needs --input checkpoint=<training artifact>")
@@ -38,12 +38,8 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     report = run_tasks(lm, ec.tasks, resolve_repo_path(ec.data_dir), ec.limit, seed=ec.seed)
     metrics = {f"{r['benchmark']}/{r['metric']}": r["value"] for r in report["rows"]}
     if "data" in manifests and ec.val_bpb.enabled:
-        lengths = None
-        if ec.val_bpb.tokenizer:
-            from kotodama_core.eval.tokenizer import load_eval_tokenizer
-            lengths = token_byte_lengths(load_eval_tokenizer(ec.val_bpb.tokenizer))
-        vb = val_bpb(lm.model, manifests["data"].root, byte_lengths=lengths, max_windows=ec.val_bpb.max_windows,
-                     context=ec.val_bpb.context or lm.max_length, stride=ec.stride, device=lm._device)
+        vb = val_bpb_for(lm.model, manifests["data"].root, ec.val_bpb, stride=ec.stride, context=lm.max_length,
+                         device=lm._device)
         report["val_bpb"] = vb
         metrics.update(vb)
     (work / "results.json").write_text(json.dumps(report, indent=2, default=str))

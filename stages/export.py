@@ -45,16 +45,10 @@ def code_files(patterns: list[str], root: Path = REPO_ROOT) -> list[Path]:
 
 
 def _val_scores(model, data_root: Path, cfg: RunConfig, device: torch.device) -> dict[str, float]:
-    from kotodama_core.eval.val_bpb import token_byte_lengths, val_bpb
+    from kotodama_core.eval.val_bpb import val_bpb_for
 
-    vb = cfg.export.val_bpb
-    lengths = None
-    if vb.tokenizer:
-        from kotodama_core.eval.tokenizer import load_eval_tokenizer
-        lengths = token_byte_lengths(load_eval_tokenizer(vb.tokenizer))
-    context = vb.context or model.cfg.max_position_embeddings
-    return val_bpb(model, data_root, byte_lengths=lengths, max_windows=vb.max_windows, context=context,
-                   stride=min(cfg.export.stride, context), device=device)
+    return val_bpb_for(model, data_root, cfg.export.val_bpb, stride=cfg.export.stride,
+                       context=model.cfg.max_position_embeddings, device=device)
 
 
 def config_section(cfg: RunConfig) -> dict:

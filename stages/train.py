@@ -13,7 +13,7 @@ from pathlib import Path
 from kotodama_core.artifacts import (MANIFEST, ArtifactError, Manifest, begin, commit, partial_dir,
                                      read_manifest, sha256_file, write_manifest)
 from kotodama_core.config import RunConfig, dump_yaml
-from kotodama_core.train.checkpoint import checkpoint_name, list_checkpoints
+from kotodama_core.train.checkpoint import artifact_weights
 from kotodama_core.train.distributed import barrier, init_distributed, shutdown
 from kotodama_core.train.engine import train
 from stages.common import main
@@ -40,17 +40,7 @@ def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, 
         digest_of_file = Manifest(source, {"digest": sha256_file(source), "stage": "file", "outputs": []})
         return source, {"init": digest_of_file}
     manifest = read_manifest(source)
-    step = cfg.train.init.step
-    if step is None:
-        path = manifest.root / "model.pt.zst"
-    else:
-        path = manifest.root / "checkpoints" / checkpoint_name(step)
-        if not path.is_file():
-            have = [s for s, _ in list_checkpoints(manifest.root / "checkpoints")]
-            raise ArtifactError(f"{manifest.root} has no checkpoint for step {step}; it has steps {have}")
-    if not path.is_file():
-        raise ArtifactError(f"{path} does not exist")
-    return path, {"init": manifest}
+    return artifact_weights(manifest.root, cfg.train.init.step), {"init": manifest}
 
 
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:

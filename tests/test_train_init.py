@@ -52,7 +52,7 @@ def test_weights_init_has_fresh_optimizer_and_new_warmup(tmp_path, markov_data, 
 
 def test_missing_milestone_is_a_clear_error(tmp_path, markov_data, source_run):
     bad = cfg(**{"train.init.mode": "weights", "train.init.step": 72000})
-    with pytest.raises(ArtifactError, match=r"no checkpoint for step 72000; it has steps \[4, 8\]"):
+    with pytest.raises(ArtifactError, match=r"no checkpoint for step 72000; it keeps steps \[4, 8\]"):
         run_stage(bad, {"data": markov_data, "init": source_run}, tmp_path / "x")
 
 

@@ -82,3 +82,14 @@ def val_bpb(model, data_dir: Path, *, byte_lengths: np.ndarray | None, max_windo
         total_bytes = total_tokens * float(bpt)
     return {"val_bpb": bits_per_byte(total_nll, int(round(total_bytes))), "val_loss": total_nll / total_tokens,
             "val_tokens": float(total_tokens), "val_windows": float(seen)}
+
+
+def val_bpb_for(model, data_dir: Path, settings, *, stride: int, context: int, device: torch.device) -> dict[str, float]:
+    """`val_bpb` driven by a ValBpbConfig: exact per-token byte lengths from its tokenizer when it names one."""
+    lengths = None
+    if settings.tokenizer:
+        from kotodama_core.eval.tokenizer import load_eval_tokenizer
+        lengths = token_byte_lengths(load_eval_tokenizer(settings.tokenizer))
+    context = settings.context or context
+    return val_bpb(model, data_dir, byte_lengths=lengths, max_windows=settings.max_windows, context=context,
+                   stride=min(stride, context), device=device)

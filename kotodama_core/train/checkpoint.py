@@ -36,6 +36,19 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def artifact_weights(root: Path, step: int | None) -> Path:
+    """The final weights (`model.pt.zst`, step None) or the step-`step` checkpoint of a training artifact."""
+    from kotodama_core.artifacts import ArtifactError
+
+    path = root / "model.pt.zst" if step is None else root / "checkpoints" / checkpoint_name(step)
+    if not path.is_file():
+        if step is None:
+            raise ArtifactError(f"{root} holds no final weights ({path.name} is missing)")
+        have = [s for s, _ in list_checkpoints(root / "checkpoints")]
+        raise ArtifactError(f"{root} has no checkpoint for step {step}; it keeps steps {have}")
+    return path
+
+
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], *, keep_last: int,
                     milestones: list[int] | tuple[int, ...] = ()) -> Path:
     """Write `state` as step_XXXXXXX.pt.zst atomically, then prune to keep_last + milestones."""

@@ -9,6 +9,8 @@ from kotodama_core.model.io import CheckpointError, load_pt_zst
 
 # Tensors tied to the vocabulary: re-initialised when moving from NCA patch tokens to language.
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
+# Name parts of the AttnRes routing tensors (train.init.reset_attn_res leaves them at their fresh init).
+ATTN_RES_MARKERS = ("attn_res_", "mlp_res_", "final_res_")
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -44,21 +46,36 @@ def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], 
     model.load_state_dict(state, strict=True)
 
 
-def nca_transfer(model: torch.nn.Module, nca_state: dict[str, torch.Tensor], origin: str) -> list[str]:
+def is_attn_res_tensor(name: str) -> bool:
+    """AttnRes routing: the pseudo-queries and their norms (`attn_res_*`, `mlp_res_*`, `final_res_*`)."""
+    return any(part in name for part in ATTN_RES_MARKERS)
+
+
+def nca_transfer(model: torch.nn.Module, nca_state: dict[str, torch.Tensor], origin: str,
+                 reset_attn_res: bool = False) -> list[str]:
     """Copy every NCA tensor except the vocabulary-tied ones, which keep their fresh initialisation.
 
-    Returns the names of the tensors that were transferred. Every non-vocabulary tensor of the model must
-    be present in the NCA checkpoint with the same shape (same depth, width, heads, AttnRes layout).
+    With `reset_attn_res`, every AttnRes routing tensor (queries and norms) also keeps its fresh
+    initialisation: the routing is re-learned on language (the "routing reset at the transition" control).
+    The checkpoint's AttnRes tensors are then ignored, so an NCA trained without AttnRes also fits.
+
+    Returns the names of the tensors that were transferred. Every other tensor of the model must be present
+    in the NCA checkpoint with the same shape (same depth, width, heads, AttnRes layout).
     """
     own = model.state_dict()
-    kept = {k: v for k, v in nca_state.items() if k not in VOCAB_TENSORS}
-    missing = sorted(k for k in own if k not in VOCAB_TENSORS and k not in kept)
+
+    def fresh(name: str) -> bool:
+        return name in VOCAB_TENSORS or (reset_attn_res and is_attn_res_tensor(name))
+
+    kept = {k: v for k, v in nca_state.items() if not fresh(k)}
+    missing = sorted(k for k in own if not fresh(k) and k not in kept)
     unexpected = sorted(set(kept) - set(own))
     bad = _shape_mismatches(own, kept)
     if missing or unexpected or bad:
+        what = "the vocabulary and AttnRes routing" if reset_attn_res else "the vocabulary"
         raise CheckpointError(
-            f"{origin}: NCA checkpoint does not match the language model apart from the vocabulary "
+            f"{origin}: NCA checkpoint does not match the language model apart from {what} "
             f"(missing {missing[:6]}, unexpected {unexpected[:6]}, shapes {bad[:6]})")
     result = model.load_state_dict(kept, strict=False)
-    assert sorted(result.missing_keys) == sorted(k for k in own if k in VOCAB_TENSORS)
+    assert sorted(result.missing_keys) == sorted(k for k in own if fresh(k))
     return sorted(kept)
