@@ -33,9 +33,9 @@ def unigram_cross_entropy(data) -> float:
 @pytest.mark.slow
 def test_tiny_model_beats_unigram_entropy(tmp_path, corpus_mix_data):
     cfg = load_config(CONFIGS / "presets/tiny.yaml", {
-        "train.seq_len": 64, "train.micro_batch": 16, "train.global_batch_tokens": 1024, "train.steps": 300,
+        "train.seq_len": 64, "train.micro_batch": 16, "train.global_batch_tokens": 1024, "train.steps": 200,
         "train.log_every": 50, "train.seed": 3, "train.val_batches": 40, "train.monitor.enabled": False,
-        "train.checkpoint.every_steps": 1000, "schedule.warmup_steps": 30, "optim.adamw.lr": 3e-3})
+        "train.checkpoint.every_steps": 1000, "schedule.warmup_steps": 20, "optim.adamw.lr": 3e-3})
     manifest = json.loads(run_train(cfg, {"data": corpus_mix_data}, tmp_path / "run").read_text())
     val_loss = manifest["metrics"]["val_loss"]
     unigram = unigram_cross_entropy(corpus_mix_data)
