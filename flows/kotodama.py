@@ -136,21 +136,9 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
                              description="MLflow run and stage artifacts of this flow run")
 
     results: dict[str, str] = {}
-    storage = kotodama_home() / "prefect-results"
     try:
         for s in steps:
-            task_fn = run_stage.with_options(
-                name=s.key, task_run_name=s.key, result_storage=storage,
-                retries=TRAIN_RETRIES if s.is_training else 0, retry_delay_seconds=5,
-                refresh_cache=not s.manifest.is_file())
-            state = task_fn(key=s.key, stage=s.stage, digest=s.digest, config_path=str(s.config_path),
-                            out=str(s.out), inputs={k: str(v) for k, v in s.input_paths().items()},
-                            nproc=s.cfg.train.nproc, tracking=tracking, return_state=True)
-            results[s.key] = state.result()
-            if state.name == "Cached":
-                logger.info("%s: cached (%s)", s.key, s.out)
-                if parent_id:
-                    _record_cached(parent_id, s, tracking)
+            results[s.key] = execute_step(s, tracking).result()
     except BaseException:
         if parent_id:
             mlflow_runs.end(parent_id, ok=False)
@@ -158,6 +146,25 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
     if parent_id:
         mlflow_runs.end(parent_id, ok=True)
     return results
+
+
+def execute_step(s: Step, tracking: dict[str, str]):
+    """Run one planned step as a `run_stage` task (cache key = its digest) and return the task's final state.
+
+    A cached step gets a finished MLflow run under `tracking["parent_run_id"]`, tagged kotodama.cached."""
+    task_fn = run_stage.with_options(
+        name=s.key, task_run_name=s.key, result_storage=kotodama_home() / "prefect-results",
+        retries=TRAIN_RETRIES if s.is_training else 0, retry_delay_seconds=5,
+        refresh_cache=not s.manifest.is_file())
+    state = task_fn(key=s.key, stage=s.stage, digest=s.digest, config_path=str(s.config_path),
+                    out=str(s.out), inputs={k: str(v) for k, v in s.input_paths().items()},
+                    nproc=s.cfg.train.nproc, tracking=tracking, return_state=True)
+    state.result()  # raises when the task failed
+    if state.name == "Cached":
+        get_run_logger().info("%s: cached (%s)", s.key, s.out)
+        if tracking.get("parent_run_id"):
+            _record_cached(tracking["parent_run_id"], s, tracking)
+    return state
 
 
 def _record_cached(parent_id: str, s: Step, tracking: dict[str, str]) -> None:

@@ -1,8 +1,10 @@
 """Report stage: a self-contained HTML page for one run, or a comparison page for several.
 
-One run:      --input train=<training artifact> [--input eval=<eval artifact>]  -> report.html
+One run:      --input train=<training artifact> [--input eval=<eval artifact>] [--input export=<export
+              artifact>]  -> report.html
 Comparison:   --input fc=<report artifact> --input bcpt=<report artifact> ...   -> compare.html
-              (every input is a report artifact; the input names label the columns)
+              (every input is a report artifact; the input names label the columns: the ablation
+              deployment names them by arm)
 Both write summary.json (the numbers behind the page). Missing or bad data shows as a note on the page.
 """
 
@@ -17,7 +19,7 @@ from kotodama_core.report.html import compare_page, run_page
 from kotodama_core.report.summary import restore_layer_keys, summarize_run
 from stages.common import input_manifests, main
 
-SINGLE_INPUTS = ("train", "eval", "nca_train", "boundaries")
+SINGLE_INPUTS = ("train", "eval", "export", "nca_train", "boundaries")
 
 
 def config_section(cfg: RunConfig) -> dict:
@@ -34,7 +36,8 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         if extra:
             raise ArtifactError(f"report: unexpected input(s) {sorted(extra)} beside train/eval")
         summary = summarize_run(manifests["train"].root if "train" in manifests else None,
-                                manifests["eval"].root if "eval" in manifests else None)
+                                manifests["eval"].root if "eval" in manifests else None,
+                                export_dir=manifests["export"].root if "export" in manifests else None)
         body, page_name, summaries = run_page(summary, rc.title, rc.smoothing), "report.html", [summary]
     else:
         summaries = []

@@ -64,11 +64,42 @@ def eval_table(s: dict[str, Any]) -> str:
     return out + "".join(note(f"{t}: {m}") for t, m in s["eval_errors"].items())
 
 
+# (label, headline key, digits; None = an integer count shown with thousands separators)
+HEADLINE = (("final training loss", "final_loss", 4), ("training loss, last 10 % of logs", "tail_loss", 4),
+            ("val loss (training run)", "val_loss", 4), ("val bits/byte (eval)", "val_bpb", 4),
+            ("throughput, tokens/s (median)", "tokens_per_s", 0), ("tokens seen", "tokens_seen", None),
+            ("steps", "steps", None), ("model file bytes", "model_bytes", None),
+            ("quantized artifact bytes", "quant_bytes", None), ("artifact + code bytes", "quant_total_bytes", None),
+            ("val bits/byte, dequantized", "val_bpb_quant", 4), ("quantization gap, bits/byte", "val_bpb_quant_gap", 4))
+
+
+def _headline_cell(v: Any, digits: int | None, cls: str = "") -> str:
+    if digits is None and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"<span{cls}>{int(v):,}</span>"
+    return f"<span{cls}>{num(v, digits or 0)}</span>"
+
+
+def headline_table(runs: list[dict[str, Any]], names: list[str], rel: float | None = None) -> str:
+    """Loss, val_bpb, throughput and bytes side by side; rows no run has are left out."""
+    rows = []
+    for label, key, digits in HEADLINE:
+        values = [(r.get("headline") or {}).get(key) for r in runs]
+        if all(v is None for v in values):
+            continue
+        nums = [float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None for v in values]
+        cls = ' class="diff"' if rel is not None and _differs(nums, rel) else ""
+        rows.append([esc(label)] + [_headline_cell(v, digits, cls) for v in values])
+    if not rows:
+        return note("no headline numbers (summaries written before they existed)")
+    return table(["", *names], rows)
+
+
 def run_page(s: dict[str, Any], title: str, smoothing: int = 1) -> str:
     name = s["name"]
     prof = s["profiles"]
     sections = [
         "".join(note(n) for n in s["notes"]),
+        panel("Summary", lambda: headline_table([s], [name])),
         panel("Loss and learning rate", lambda: img(line_plot({name: s["metrics"]}, "loss", "training loss", "loss",
                                                               smoothing), "loss curve")
               + img(line_plot({name: s["metrics"]}, "lr", "learning rate", "lr"), "learning-rate curve")),
@@ -163,6 +194,7 @@ def compare_page(runs: list[dict[str, Any]], title: str, rel: float) -> str:
     sections = [
         f"<p>Cells in <span class=diff>red</span> differ by more than {rel:.0%} across runs.</p>",
         "".join(note(f"{n}: {msg}") for n, r in zip(names, runs) for msg in r["notes"]),
+        panel("Summary: loss, val_bpb, throughput, bytes", lambda: headline_table(runs, names, rel)),
         panel("Loss", lambda: img(line_plot(dict(zip(names, [r["metrics"] for r in runs])), "loss",
                                             "training loss", "loss"), "loss curves")),
         panel("Evaluation", eval_section),

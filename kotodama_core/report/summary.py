@@ -46,7 +46,50 @@ def layer_profile(geo_last: dict[str, Any], suffix: str) -> dict[int, float | No
     return dict(sorted(out.items()))
 
 
-def summarize_run(train_dir: Path | None, eval_dir: Path | None, name: str | None = None) -> dict[str, Any]:
+def _median(values: list[float]) -> float | None:
+    vals = sorted(values)
+    if not vals:
+        return None
+    mid = len(vals) // 2
+    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+
+
+def headline(train_dir: Path | None, metrics: list[dict[str, Any]], val_bpb: float | None,
+             export_dir: Path | None, notes: list[str]) -> dict[str, Any]:
+    """The numbers an ablation compares: loss, val_bpb, throughput, bytes (None where unknown)."""
+    manifest = {}
+    if train_dir is not None and (train_dir / "manifest.json").is_file():
+        manifest = json.loads((train_dir / "manifest.json").read_text())
+    final = manifest.get("metrics", {})
+    losses = [v for v in (finite(r.get("loss")) for r in metrics) if v is not None]
+    tail = losses[-max(1, len(losses) // 10):] if losses else []
+    # The first logged interval holds start-up (data loader, compile); throughput is the median of the rest.
+    speeds = [v for v in (finite(r.get("tokens_per_s")) for r in metrics[1:] or metrics) if v is not None]
+    model_file = train_dir / manifest.get("model_file", "model.pt.zst") if train_dir is not None else None
+    out: dict[str, Any] = {
+        "final_loss": finite(final.get("final_loss")) if "final_loss" in final else (losses[-1] if losses else None),
+        "tail_loss": sum(tail) / len(tail) if tail else None,
+        "val_loss": finite(final.get("val_loss")),
+        "val_bpb": val_bpb,
+        "tokens_per_s": _median(speeds),
+        "tokens_seen": final.get("tokens_seen"),
+        "steps": final.get("steps"),
+        "model_bytes": model_file.stat().st_size if model_file is not None and model_file.is_file() else None,
+        "quant_bytes": None, "quant_total_bytes": None, "val_bpb_quant": None, "val_bpb_quant_gap": None,
+    }
+    if export_dir is not None:
+        path = export_dir / "manifest.json"
+        if path.is_file():
+            em = json.loads(path.read_text()).get("metrics", {})
+            out.update(quant_bytes=em.get("artifact_bytes"), quant_total_bytes=em.get("total_bytes"),
+                       val_bpb_quant=finite(em.get("val_bpb_quant")), val_bpb_quant_gap=finite(em.get("val_bpb_gap")))
+        else:
+            notes.append(f"{export_dir}: no manifest.json")
+    return out
+
+
+def summarize_run(train_dir: Path | None, eval_dir: Path | None, name: str | None = None,
+                  export_dir: Path | None = None) -> dict[str, Any]:
     notes: list[str] = []
     summary: dict[str, Any] = {"name": name, "notes": notes, "metrics": [], "geo": [], "eval_rows": [],
                                "eval_errors": {}, "val_bpb": None}
@@ -92,6 +135,7 @@ def summarize_run(train_dir: Path | None, eval_dir: Path | None, name: str | Non
                 heads[int(m.group(1))] = finite(value)
     summary["head_entropy_layer"] = first_layer
     summary["head_entropy"] = dict(sorted(heads.items()))
+    summary["headline"] = headline(train_dir, summary["metrics"], summary["val_bpb"], export_dir, notes)
     return summary
 
 

@@ -26,6 +26,15 @@ class InitConfig(StrictModel):
     checkpoint: str | None = None
     # Which checkpoint of an `init` training artifact: a step (e.g. the 72000 milestone) or None = final.
     step: int | None = None
+    # nca_transfer only: leave every AttnRes query and key norm at its fresh init (routing reset at the
+    # language transition, the control the Kotodama proxy report never ran).
+    reset_attn_res: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "InitConfig":
+        if self.reset_attn_res and self.mode != "nca_transfer":
+            raise ValueError(f"train.init.reset_attn_res applies to mode 'nca_transfer' only, not {self.mode!r}")
+        return self
 
 
 class MonitorConfig(StrictModel):

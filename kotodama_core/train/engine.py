@@ -135,7 +135,7 @@ def _initial_weights(model: KotodamaLM, cfg: RunConfig, init_path: Path | None, 
                             "pass an `init` input")
     state = read_weights(init_path)
     if mode == "nca_transfer":
-        nca_transfer(model, state, str(init_path))
+        nca_transfer(model, state, str(init_path), reset_attn_res=cfg.train.init.reset_attn_res)
     else:  # weights, and resume-from-file's weights (its optimizer state is loaded separately)
         load_weights_strict(model, state, str(init_path))
     return f"{mode}:{init_path}"
