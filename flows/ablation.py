@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 from pydantic import ValidationError
 
 from flows.plan import Step, make_step, stage_available
-from kotodama_core.config import CONFIGS_ROOT, ConfigError, RunConfig, apply_overrides, load_tree, validate
+from kotodama_core.config import (CONFIGS_ROOT, ConfigError, RunConfig, apply_overrides, load_tree,
+                                   read_yaml_mapping, validate)
 from kotodama_core.schema import StrictModel
 
 ABLATIONS_DIR = CONFIGS_ROOT / "ablations"
@@ -113,12 +113,7 @@ def load_spec(spec: str | Path | Mapping[str, Any]) -> AblationSpec:
     else:
         path = spec_path(str(spec))
         origin = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{origin}: not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{origin}: top level must be a mapping")
+        raw = read_yaml_mapping(path)
     try:
         parsed = AblationSpec.model_validate(raw)
     except ValidationError as exc:

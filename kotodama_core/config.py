@@ -76,11 +76,8 @@ def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
-def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config and everything it extends into one merged mapping."""
-    path = Path(path).resolve()
-    if path in _seen:
-        raise ConfigError(f"extends cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """One YAML file whose top level must be a mapping; errors name the file."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -89,6 +86,15 @@ def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(tree).__name__}")
+    return tree
+
+
+def load_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config and everything it extends into one merged mapping."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"extends cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
+    tree = read_yaml_mapping(path)
     parents = tree.pop("extends", []) or []
     if isinstance(parents, str):
         parents = [parents]
