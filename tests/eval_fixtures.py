@@ -55,7 +55,7 @@ def make_train_artifact(out: Path, steps: int = 6, seed: int = 0, geo_layers=(0,
             g["lr"] = lr
         opt.step()
         metrics.append({"step": step, "loss": float(loss.detach()), "ce": float(parts["ce"].detach()),
-                        "z_loss": float(parts["z_loss"].detach()), "lr": lr, "grad_norm": grad_norm,
+                        "z_loss": float(parts["z_loss"].detach()), "lr_mult": lr / 3e-3, "grad_norm": grad_norm,
                         "tokens_per_s": 1000.0 + step, "mfu": 0.01})
         if step % 2 == 0 or step == 1:
             geo.append({"step": step, **monitor_metrics(model, probe, list(geo_layers))})

@@ -47,6 +47,7 @@ def test_run_page_has_every_panel(runs):
                     "Attention entropy and BOS mass", "Anisotropy profile", "RankMe trajectory", "Head entropy at layer 0"):
         assert heading in html
     assert html.count("data:image/png;base64,") >= 6
+    assert "no data to plot" not in html  # loss and LR curves come from the engine's metrics keys
     assert "could not build" not in html
     assert "sciq: OSError: offline" in html            # eval error is visible
     assert "n/a" in html                                # the NaN WikiText value is annotated

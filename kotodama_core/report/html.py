@@ -102,7 +102,8 @@ def run_page(s: dict[str, Any], title: str, smoothing: int = 1) -> str:
         panel("Summary", lambda: headline_table([s], [name])),
         panel("Loss and learning rate", lambda: img(line_plot({name: s["metrics"]}, "loss", "training loss", "loss",
                                                               smoothing), "loss curve")
-              + img(line_plot({name: s["metrics"]}, "lr", "learning rate", "lr"), "learning-rate curve")),
+              + img(line_plot({name: s["metrics"]}, "lr_mult", "learning-rate multiplier (WSD)",
+                                      "× base LR"), "learning-rate curve")),
         panel("Evaluation", lambda: eval_table(s)),
         panel("Stable rank across depth", lambda: img(profile_plot(prof["stable_rank"], "stable rank", "‖W‖F²/σmax²"),
                                                       "stable-rank profile")
