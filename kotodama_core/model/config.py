@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import model_serializer, model_validator
 
 from kotodama_core.model.techniques.config import TechniquesConfig
-from kotodama_core.schema import StrictModel
+from kotodama_core.schema import StrictModel, require_positive
 
 
 class KotodamaConfig(StrictModel):
@@ -43,10 +43,8 @@ class KotodamaConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_shape(self) -> "KotodamaConfig":
-        for name in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
-                     "intermediate_size", "vocab_size", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "", ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads",
+                                    "head_dim", "intermediate_size", "vocab_size", "max_position_embeddings"))
         if self.num_attention_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from kotodama_core.schema import StrictModel
+from kotodama_core.schema import StrictModel, require_positive
 
 
 class RuleSpaceConfig(StrictModel):
@@ -67,9 +67,8 @@ class SearchConfig(StrictModel):
         if self.band_low is not None and self.band_high is not None and self.band_low >= self.band_high:
             raise ValueError(f"nca.search band is empty: band_low ({self.band_low}) >= band_high "
                              f"({self.band_high})")
-        for name in ("rules", "max_tries", "score_steps", "score_grids", "batch_rules", "score_workers"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"nca.search.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "nca.search.", ("rules", "max_tries", "score_steps", "score_grids",
+                                               "batch_rules", "score_workers"))
         if self.max_tries < self.rules:
             raise ValueError(f"nca.search.max_tries ({self.max_tries}) < rules ({self.rules})")
         return self
@@ -89,10 +88,8 @@ class TrajectoryDataConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrajectoryDataConfig":
-        for name in ("seq_len", "train_tokens", "val_tokens", "val_rules", "rules_per_batch", "grids_per_batch",
-                     "shard_windows"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"nca.data.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "nca.data.", ("seq_len", "train_tokens", "val_tokens", "val_rules",
+                                             "rules_per_batch", "grids_per_batch", "shard_windows"))
         return self
 
 
@@ -109,9 +106,8 @@ class BoundaryConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "BoundaryConfig":
-        for name in ("max_boundaries", "min_block", "probe_batch", "probe_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"nca.boundaries.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "nca.boundaries.", ("max_boundaries", "min_block", "probe_batch",
+                                                   "probe_seq_len"))
         return self
 
 
@@ -130,9 +126,7 @@ class NCAConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "NCAConfig":
-        for name in ("grid", "states", "channels", "patch", "steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"nca.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "nca.", ("grid", "states", "channels", "patch", "steps"))
         if self.states < 2:
             raise ValueError(f"nca.states must be at least 2, got {self.states}")
         if self.burn_in < 0:

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import model_validator
 
 from kotodama_core.quant.config import QATConfig
-from kotodama_core.schema import StrictModel
+from kotodama_core.schema import StrictModel, require_positive
 
 
 class CheckpointConfig(StrictModel):
@@ -89,9 +89,8 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
-        for name in ("seq_len", "micro_batch", "global_batch_tokens", "steps", "nproc", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name} must be positive, got {getattr(self, name)}")
+        require_positive(self, "train.", ("seq_len", "micro_batch", "global_batch_tokens", "steps", "nproc",
+                                          "log_every"))
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:
