@@ -28,12 +28,13 @@ def card_rows(task_results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             if value is None:
                 continue
             stderr = res.get(f"{key}_stderr,none")
-            rows.append({"benchmark": BENCHMARK_NAMES[task], "metric": label, "value": _finite(value),
-                         "stderr": _finite(stderr)})
+            rows.append({"benchmark": BENCHMARK_NAMES[task], "metric": label, "value": finite(value),
+                         "stderr": finite(stderr)})
     return rows
 
 
-def _finite(x: Any) -> float | None:
+def finite(x: Any) -> float | None:
+    """float(x) when it is a finite number, else None (missing, NaN, inf, non-numeric)."""
     try:
         v = float(x)
     except (TypeError, ValueError):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
+
+from kotodama_core.eval.results import finite
 
 LAYER_KEY = re.compile(r"^L(\d+)/(.+)$")
 
@@ -26,14 +27,6 @@ def read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
     if not rows:
         notes.append(f"{path.name} is empty")
     return rows
-
-
-def finite(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def layer_profile(geo_last: dict[str, Any], suffix: str) -> dict[int, float | None]:
