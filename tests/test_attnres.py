@@ -167,3 +167,41 @@ def test_bf16_sources_mix_in_fp32():
     assert out.dtype == torch.bfloat16 and weights.dtype == torch.float32
     ref = ref_read([s.double() for s in srcs], q.double(), w.double())
     torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------- two-phase block reads
+def test_two_phase_read_equals_one_softmax_over_all_sources():
+    from kotodama_core.model.attnres import completed_sources_mix, open_block_read
+    g = torch.Generator().manual_seed(6)
+    done = [torch.randn(2, 5, 16, generator=g, dtype=torch.float64) * (s + 1) for s in range(3)]
+    partial = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    queries = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    gains = torch.rand(4, 16, generator=g, dtype=torch.float64) + 0.5
+    mix, lse = completed_sources_mix(done, queries, gains, EPS)
+    assert mix.shape == (4, 2, 5, 16) and lse.shape == (4, 2, 5)
+    for r in range(4):
+        torch.testing.assert_close(mix[r], attn_res_read(done, queries[r], gains[r], EPS), rtol=1e-12, atol=1e-12)
+        merged = open_block_read(mix[r], lse[r], partial, queries[r], gains[r], EPS)
+        torch.testing.assert_close(merged, attn_res_read(done + [partial], queries[r], gains[r], EPS),
+                                   rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="at least one completed source"):
+        completed_sources_mix([], queries, gains, EPS)
+
+
+@pytest.mark.parametrize("boundaries", [[0, 2, 3], [1, 3], [0], [0, 1, 2, 3, 4]])
+def test_two_phase_forward_and_gradients_match_per_read_schedule(boundaries):
+    torch.manual_seed(7)
+    cfg = small_cfg(attn_res_boundaries=boundaries)
+    fast = KotodamaLM(cfg).double()
+    randomize(fast, query_std=0.8, seed=8)
+    slow = KotodamaLM(cfg, attn_res_two_phase=False).double()
+    slow.load_state_dict(fast.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    loss_fast, _ = fast(ids[:, :-1], ids[:, 1:])
+    loss_slow, _ = slow(ids[:, :-1], ids[:, 1:])
+    torch.testing.assert_close(loss_fast, loss_slow, rtol=1e-12, atol=1e-12)
+    loss_fast.backward()
+    loss_slow.backward()
+    slow_grads = dict(slow.named_parameters())
+    for name, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, slow_grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)

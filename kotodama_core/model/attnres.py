@@ -39,3 +39,53 @@ def attn_res_read(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps
     if return_weights:
         return out, weights
     return out
+
+
+# ---------------------------------------------------------------- two-phase block reads
+# Within one block the completed sources v_1..v_S do not change; only the open block's sum p does. The
+# R reads of a block (queries q_r, gains g_r) therefore split exactly into
+#   phase 1, once per block:   ℓ_rs = ⟨g_r∘q_r, v_s⟩·rsqrt(mean(v_s²) + eps),   lse_r = logsumexp_s ℓ_rs,
+#                              mix_r = Σ_s exp(ℓ_rs − lse_r)·v_s
+#   phase 2, at each read:     ℓ_rp = ⟨g_r∘q_r, p⟩·rsqrt(mean(p²) + eps),   w_p = σ(ℓ_rp − lse_r),
+#                              read_r = (1 − w_p)·mix_r + w_p·p
+# since the softmax over {v_1..v_S, p} gives p the weight exp(ℓ_rp) / (exp(lse_r) + exp(ℓ_rp)) and the
+# completed sources their phase-1 weights times (1 − w_p). Each completed source is then read twice per
+# block (forward) instead of twice per read, and its gradient is formed once per block instead of once
+# per read and then summed — the dominant memory traffic of AttnRes at 28 layers.
+
+
+def completed_sources_mix(done: list[Tensor], queries: Tensor, norm_weights: Tensor,
+                          eps: float) -> tuple[Tensor, Tensor]:
+    """Phase 1 for R reads over the completed sources `done` (S ≥ 1 tensors (B, T, D), one dtype).
+
+    queries and norm_weights are (R, D). Returns mix (R, B, T, D) in at least float32 and lse (R, B, T):
+    mix_r = Σ_s softmax_s(ℓ_r·)·v_s and lse_r = logsumexp_s ℓ_rs with ℓ_rs as in attn_res_read.
+    """
+    if not done:
+        raise ValueError("completed_sources_mix needs at least one completed source")
+    compute = torch.promote_types(done[0].dtype, torch.float32)
+    gq = (norm_weights.to(compute) * queries.to(compute))[:, None, None, :]  # (R, 1, 1, D)
+    logits = []
+    for v in done:
+        v = v.to(compute)
+        inv_rms = torch.rsqrt(v.pow(2).mean(dim=-1) + eps)                   # (B, T)
+        logits.append((v * gq).sum(dim=-1) * inv_rms)                        # (R, B, T)
+    logits = torch.stack(logits, dim=-1)                                      # (R, B, T, S)
+    lse = torch.logsumexp(logits, dim=-1)
+    weights = torch.exp(logits - lse.unsqueeze(-1))
+    mix = weights[..., 0:1] * done[0].to(compute)
+    for s in range(1, len(done)):
+        mix = mix + weights[..., s:s + 1] * done[s].to(compute)
+    return mix, lse
+
+
+def open_block_read(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, norm_weight: Tensor,
+                    eps: float) -> Tensor:
+    """Phase 2: one read = the phase-1 mix (B, T, D) of the completed sources merged with the open
+    block's sum `partial` (B, T, D) by its softmax weight σ(ℓ_p − lse). Returns partial's dtype."""
+    compute = torch.promote_types(partial.dtype, torch.float32)
+    p = partial.to(compute)
+    gq = norm_weight.to(compute) * query.to(compute)
+    logit = (p * gq).sum(dim=-1) * torch.rsqrt(p.pow(2).mean(dim=-1) + eps)
+    w = torch.sigmoid(logit - lse).unsqueeze(-1)
+    return (mix + w * (p - mix)).to(partial.dtype)

@@ -14,7 +14,9 @@ Block Attention Residuals (attn_res on): a list `done` of completed block sums a
     partial = partial + m(h)
 and finally x = read(done + [partial], final_res_query, final_res_norm), logits = head(norm(x)).
 `read` is attnres.attn_res_read. The residual stream is kept in the embedding's dtype (fp32 under
-autocast) so block sums do not accumulate in bf16.
+autocast) so block sums do not accumulate in bf16. Training forwards (no trace) evaluate the same reads
+in two phases per block (attnres.completed_sources_mix once when a block opens, open_block_read at each
+read): the same function, with each completed source read once per block instead of once per read.
 
 Optional techniques (cfg.techniques, all off by default; each in techniques/ with its formula):
     xsa_last_n       attention output of the last N layers made orthogonal to the own value (xsa.py)
@@ -41,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kotodama_core.model.attnres import attn_res_read
+from kotodama_core.model.attnres import attn_res_read, completed_sources_mix, open_block_read
 from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.model.loss import chunked_lm_loss
 from kotodama_core.model.norm import RMSNorm
@@ -179,14 +181,18 @@ class KotodamaLM(nn.Module):
     """The Kotodama decoder. State-dict keys follow the published checkpoints exactly.
 
     `loss_chunk_tokens` is the number of tokens whose logits the training loss materializes at once.
+    `attn_res_two_phase` evaluates the AttnRes reads of a forward pass block by block (see the module
+    docstring); False reads every source at every read (attn_res_read), the reference schedule.
     """
 
-    def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096):
+    def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096,
+                 attn_res_two_phase: bool = True):
         super().__init__()
         if loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
         self.cfg = cfg
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.attn_res_two_phase = attn_res_two_phase
         d = cfg.hidden_size
         self.embed_tokens = _embedding(cfg.vocab_size, d, device)
         self.layers = nn.ModuleList(Layer(cfg, i, device=device) for i in range(cfg.num_layers))
@@ -200,6 +206,7 @@ class KotodamaLM(nn.Module):
         self.rope = RotaryEmbedding(tech.rotary_dims or cfg.head_dim, cfg.max_position_embeddings,
                                     cfg.rope_theta, device=device)
         self._block_starts = frozenset(cfg.block_starts()) if cfg.attn_res else frozenset()
+        self._block_reads = _block_read_plan(sorted(self._block_starts), cfg.num_layers)
         self._build_techniques(device)
         self.init_weights()
 
@@ -363,6 +370,37 @@ class KotodamaLM(nn.Module):
             rec["attn_res_weights"][layer][kind] = weights
         return out
 
+    def _read_params(self, key: tuple[str, int]) -> tuple[Tensor, RMSNorm]:
+        kind, i = key
+        if kind == "final":
+            return self.final_res_query, self.final_res_norm
+        layer = self.layers[i]
+        if kind == "attn":
+            return layer.attn_res_query, layer.attn_res_norm
+        return layer.mlp_res_query, layer.mlp_res_norm
+
+    def _open_block(self, done: list[Tensor], start: int) -> tuple[Tensor, Tensor, dict]:
+        """Phase 1 of the block opening at layer `start`: all its reads against the completed sources."""
+        keys = self._block_reads[start]
+        params = [self._read_params(k) for k in keys]
+        queries = torch.stack([q for q, _ in params])
+        gains = torch.stack([n.weight for _, n in params])
+        mix, lse = completed_sources_mix(done, queries, gains, params[0][1].eps)
+        return mix, lse, {k: r for r, k in enumerate(keys)}
+
+    def _block_read(self, block, key: tuple[str, int], partial: Tensor | None) -> Tensor:
+        """Phase 2: the read `key` of the open block (before the first block: the stream itself)."""
+        query, norm = self._read_params(key)
+        if block is None:
+            # Before the first block the read has one source (its value is the stream itself); the
+            # plain read keeps the queries in the graph, so DDP sees them used (with zero gradient).
+            return attn_res_read([partial], query, norm.weight, norm.eps)
+        mix, lse, index = block
+        r = index[key]
+        if partial is None:  # the block's first read sees only completed sources
+            return mix[r].to(self.embed_tokens.weight.dtype)
+        return open_block_read(mix[r], lse[r], partial, query, norm.weight, norm.eps)
+
     def _ffn(self, layer: Layer, h: Tensor, r: dict | None, i: int) -> Tensor:
         n = layer.ffn_norm(h)
         if layer.norm_scale != 1.0:
@@ -387,6 +425,8 @@ class KotodamaLM(nn.Module):
         ve_values = value_embed is not None and self._value_embed_into_values
         ve_residual = value_embed is not None and not self._value_embed_into_values
         plan = recurrence.plan(self.cfg.num_layers) if recurrence is not None else self._plan
+        two_phase = attn_res and rec is None and self.attn_res_two_phase
+        block = None  # two-phase state of the open block: (mix, lse, read index by key)
         done: list[Tensor] = []
         partial: Tensor | None = emb
         previous: dict[int, Tensor] = {}   # recurrence: stream after each loop slot, last repeat
@@ -394,7 +434,13 @@ class KotodamaLM(nn.Module):
         for i, repeat, slot in plan:
             layer = self.layers[i]
             r = rec if rec is not None and i in rec["layers"] else None
-            if attn_res:
+            if two_phase:
+                if i in self._block_starts:
+                    done.append(partial)
+                    partial = None
+                    block = self._open_block(done, i)
+                h = self._block_read(block, ("attn", i), partial)
+            elif attn_res:
                 h = self._read(done + [partial], layer.attn_res_query, layer.attn_res_norm, r, (i, "attn"))
                 if i in self._block_starts:
                     done.append(partial)
@@ -423,7 +469,9 @@ class KotodamaLM(nn.Module):
                 partial = partial + a + self._ffn(layer, h, r, i)
             else:
                 partial = a.to(emb.dtype) if partial is None else partial + a
-                if attn_res:
+                if two_phase:
+                    h = self._block_read(block, ("mlp", i), partial)
+                elif attn_res:
                     h = self._read(done + [partial], layer.mlp_res_query, layer.mlp_res_norm, r, (i, "mlp"))
                 else:
                     h = partial
@@ -435,9 +483,24 @@ class KotodamaLM(nn.Module):
             if unet is not None and i in unet.encoders:
                 skips[i] = partial
         x = partial
-        if attn_res:
+        if two_phase:
+            x = self._block_read(block, ("final", -1), partial)
+        elif attn_res:
             x = self._read(done + [partial], self.final_res_query, self.final_res_norm, rec, None)
         return self.norm(x)
+
+
+def _block_read_plan(starts: list[int], num_layers: int) -> dict[int, list[tuple[str, int]]]:
+    """Reads of each AttnRes block in forward order, keyed by the block's first layer: ("attn", i) and
+    ("mlp", i) for its layers, and ("final", -1) after the last block."""
+    starts = [s for s in starts if s < num_layers]
+    plan = {}
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else num_layers
+        plan[start] = [(kind, i) for i in range(start, end) for kind in ("attn", "mlp")]
+    if starts:
+        plan[starts[-1]].append(("final", -1))
+    return plan
 
 
 def _is_attn_res(name: str) -> bool:
