@@ -62,27 +62,33 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict) -> None:
+        # Whole-list (foreach) kernels: at 196 matrices a per-parameter loop spends most of the step
+        # launching small kernels, not computing.
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
         params = [p for p in group["params"] if p.grad is not None]
-        buckets: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = {}
-        for p in params:
-            g = p.grad
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(g)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(g)
-            update = g.add(buf, alpha=mu) if group["nesterov"] else buf
-            buckets.setdefault(tuple(p.shape), []).append((p, update))
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        for p, g in zip(params, grads):
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for j, p in enumerate(params):
+            buckets.setdefault(tuple(p.shape), []).append(j)
         offset = 0
-        for (rows, cols), items in buckets.items():
-            stack = torch.stack([u for _, u in items])
+        for (rows, cols), members in buckets.items():
+            stack = torch.stack([updates[j] for j in members])
             ortho = self._orthogonalize(stack, group, offset)
-            offset += len(items)
+            offset += len(members)
             scale = math.sqrt(max(1.0, rows / cols))
-            for (p, _), o in zip(items, ortho):
-                p.mul_(1.0 - lr * wd)
-                p.add_(o.to(p.dtype), alpha=-lr * scale)
+            targets = [params[j] for j in members]
+            torch._foreach_add_(targets, list(ortho.to(targets[0].dtype).unbind(0)), alpha=-lr * scale)
 
     def _orthogonalize(self, stack: Tensor, group: dict, offset: int) -> Tensor:
         """NS of a (N, r, c) stack; under torch.distributed each rank does matrices (offset + j) % world."""
