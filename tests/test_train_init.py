@@ -76,3 +76,25 @@ def test_data_vocab_larger_than_model_is_rejected(tmp_path):
 def test_weights_mode_without_checkpoint_is_rejected(tmp_path, markov_data):
     with pytest.raises(TrainingError, match="needs a checkpoint"):
         train(cfg(**{"train.init.mode": "weights"}), markov_data, tmp_path / "w", info=SINGLE)
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_holds_it(tmp_path, markov_data, monkeypatch):
+    """The loss is read one step late on steps that neither log nor save; a NaN must still stop the
+    run before the next checkpoint, naming the step it appeared at."""
+    import kotodama_core.model.model as model_module
+    from kotodama_core.train.checkpoint import list_checkpoints
+
+    real_loss, calls = model_module.chunked_lm_loss, []
+
+    def loss_turning_nan(*args, **kwargs):
+        loss, parts = real_loss(*args, **kwargs)
+        calls.append(1)
+        # two micro-batches a step: calls 5 and on belong to steps 2 and later
+        return (loss * float("nan"), parts) if len(calls) > 4 else (loss, parts)
+
+    monkeypatch.setattr(model_module, "chunked_lm_loss", loss_turning_nan)
+    run = cfg(**{"train.steps": 8, "train.log_every": 100, "train.val_every": 0,
+                 "train.checkpoint": {"every_steps": 4, "keep_last": 5, "milestones": []}})
+    with pytest.raises(TrainingError, match=r"loss is nan at step 2"):
+        train(run, markov_data, tmp_path / "w", info=SINGLE)
+    assert [s for s, _ in list_checkpoints(tmp_path / "w" / "checkpoints")] == []

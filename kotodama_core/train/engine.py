@@ -93,6 +93,14 @@ def _loader_for(cfg: RunConfig, data_dir: Path, info: DistInfo) -> TokenLoader:
     return loader
 
 
+def _read_loss(step: int, reduced: torch.Tensor) -> tuple[float, float]:
+    """(loss, ce) of `step` as floats; a non-finite loss stops the run."""
+    loss, ce = (float(v) for v in reduced)
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss} at step {step}; stopping before the weights are saved")
+    return loss, ce
+
+
 def _check_vocab(cfg: RunConfig, data_dir: Path) -> None:
     from kotodama_core.artifacts import read_manifest
     vocab = read_manifest(data_dir).data.get("vocab_size")
@@ -287,6 +295,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     milestones = set(tcfg.checkpoint.milestones)
     written: list[str] = []
     last_loss = math.nan
+    unread: tuple[int, torch.Tensor] | None = None  # (step, [loss, ce]) not yet read back
     model.train()
     t_last, steps_since_log = time.perf_counter(), 0
     for step in range(start_step, total_steps):
@@ -311,19 +320,29 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             averager.update(model, step + 1, mult, in_warmup=step < cfg.schedule.warmup_steps)
         tokens_seen += tcfg.global_batch_tokens
         steps_since_log += 1
-        mean_loss, mean_ce = (float(v) for v in all_reduce_mean(sums / accum, info))
-        last_loss = mean_loss
-        if not math.isfinite(mean_loss):
-            raise TrainingError(f"loss is {mean_loss} at step {step}; stopping before the weights are saved")
+        reduced = all_reduce_mean(sums / accum, info)
         done = step + 1
-        if info.is_main and (step % tcfg.log_every == 0 or done == total_steps):
+        log_now = step % tcfg.log_every == 0 or done == total_steps
+        save_now = done % tcfg.checkpoint.every_steps == 0 or done in milestones or done == total_steps
+        val_now = bool(tcfg.val_every) and done % tcfg.val_every == 0
+        # Reading a loss waits for the GPU. Reading the previous step's loss instead of this one's keeps
+        # this step's kernels queued meanwhile; steps that log, validate or save read their own first,
+        # so no non-finite loss reaches a checkpoint.
+        if unread is not None:
+            last_loss, mean_ce = _read_loss(*unread)
+            unread = None
+        if log_now or save_now or val_now:
+            last_loss, mean_ce = _read_loss(step, reduced)
+        else:
+            unread = (step, reduced)
+        if info.is_main and log_now:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
             dt = (now - t_last) / steps_since_log
             t_last, steps_since_log = now, 0
             tok_s = tcfg.global_batch_tokens / dt
-            record = {"step": step, "loss": mean_loss, "ce": mean_ce, "lr_mult": mult,
+            record = {"step": step, "loss": last_loss, "ce": mean_ce, "lr_mult": mult,
                       "lr_muon": cfg.optim.muon.lr * mult, "lr_adamw": cfg.optim.adamw.lr * mult,
                       "grad_norm": float(grad_norm), "tokens_seen": tokens_seen, "tokens_per_s": tok_s,
                       "step_ms": dt * 1e3}
@@ -342,13 +361,13 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             _append_jsonl(geo_path, {"step": step, **geo})
             if on_metrics:
                 on_metrics(geo, step)
-        if tcfg.val_every and done % tcfg.val_every == 0 and info.is_main:
+        if val_now and info.is_main:
             val = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
             if val is not None:
                 _append_jsonl(metrics_path, {"step": step, "val_loss": val})
                 if on_metrics:
                     on_metrics({"val_loss": val}, step)
-        if done % tcfg.checkpoint.every_steps == 0 or done in milestones or done == total_steps:
+        if save_now:
             loader_states = gather_objects(loader.state_dict(), info)
             rngs = gather_objects(ckpt.rng_state(), info)
             if info.is_main:
