@@ -5,14 +5,22 @@
 Project step = the real training engine (kotodama_core.train.engine.train): KotodamaLM proxy-108m with
 DD-v1 AttnRes, chunked head + z-loss, hybrid Muon/AdamW, clipping at 1.0, batches from the TokenLoader
 over a random-token data artifact, bf16 autocast, torch.compile. Step times come from the engine's own
-metrics.jsonl (log_every=1), median over the steps after warm-up, so checkpoint writes at the end are
-not counted. The reference runs as a subprocess of the anchor script (`ref_compile`, `attnres_compile`)
-with the same batch and length. Prints one JSON line per measurement and a summary with the ratios.
+metrics.jsonl, logged every `--window` steps (the engine synchronizes only when it logs, like the
+reference, which synchronizes once around its timed loop); the figure is the median window after the
+warm-up windows, so compilation and the checkpoint written at the end are not counted. The reference
+runs as a subprocess of the anchor script (`ref_compile`, `attnres_compile`) with the same batch and
+length. Prints one JSON line per measurement and a summary with the ratios.
+
+Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
+two-phase one), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
+mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
+--profile-out).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -35,6 +43,7 @@ from kotodama_core.data.shards import write_shard  # noqa: E402
 from kotodama_core.model import KotodamaLM  # noqa: E402
 from kotodama_core.optim import build_optimizer  # noqa: E402
 from kotodama_core.train.distributed import DistInfo  # noqa: E402
+from kotodama_core.train import engine  # noqa: E402
 from kotodama_core.train.engine import train  # noqa: E402
 from kotodama_core.train.throughput import model_flops_per_token  # noqa: E402
 
@@ -52,9 +61,13 @@ def random_data(folder: Path, rows: int, window: int, vocab: int) -> Path:
     return folder
 
 
-def project_step(args, attn_res: bool, batch: int, steps: int, compile_: bool = True) -> dict:
+def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
+                 two_phase: bool = True) -> dict:
+    """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
+    steps = (args.warmup_windows + windows) * args.window
     overrides = {"train.seq_len": args.seq, "train.micro_batch": batch,
-                 "train.global_batch_tokens": batch * args.seq, "train.steps": steps, "train.log_every": 1,
+                 "train.global_batch_tokens": batch * args.seq, "train.steps": steps,
+                 "train.log_every": args.window,
                  "train.compile": compile_, "train.precision": "bf16" if args.device == "cuda" else "fp32", "train.monitor.enabled": False,
                  "train.checkpoint.every_steps": 10**9, "train.val_batches": 1, "schedule.warmup_steps": 2,
                  "model.attn_res": attn_res}
@@ -68,36 +81,87 @@ def project_step(args, attn_res: bool, batch: int, steps: int, compile_: bool = 
                            vocab=cfg.model.vocab_size)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        train(cfg, data, Path(tmp) / "run", info=info)
+        model_class = engine.KotodamaLM
+        if not two_phase:  # the bench's only way in: the engine builds its model from the config
+            engine.KotodamaLM = functools.partial(model_class, attn_res_two_phase=False)
+        try:
+            train(cfg, data, Path(tmp) / "run", info=info)
+        finally:
+            engine.KotodamaLM = model_class
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    step_ms = statistics.median(r["step_ms"] for r in records if "step_ms" in r and r["step"] >= args.warmup)
+    # A record at step k holds the mean step time since the previous record (steps k−window+1..k; the
+    # last record, at the final step, may cover fewer); records up to the warm-up's end are skipped.
+    timed = [r["step_ms"] for r in records if "step_ms" in r and r["step"] > args.warmup_windows * args.window]
+    step_ms = statistics.median(timed)
     tok_s = batch * args.seq / (step_ms / 1e3)
     mfu = tok_s * model_flops_per_token(cfg.model, args.seq) / H100_PEAK
-    return {"name": f"project{'' if attn_res else '_no_attnres'}{'' if compile_ else '_eager'}", "B": batch,
+    name = "project" + ("" if attn_res else "_no_attnres") + ("" if two_phase else "_per_read")
+    return {"name": name + ("" if compile_ else "_eager"), "B": batch, "windows_ms": [round(t, 1) for t in timed],
             "T": args.seq, "step_ms": round(step_ms, 1), "tok_s": round(tok_s), "mfu": round(mfu, 3),
             "mem_gb": round(peak, 1), "loss": records[-1].get("loss")}
 
 
+def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5) -> float:
+    """Median wall time of fn() from launch to completion (synchronized before and after)."""
+    times = []
+    for i in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def optimizer_step_ms(args) -> dict:
-    """Median time of the hybrid optimizer step alone on proxy-108m with random gradients (CUDA events)."""
+    """Median time of the hybrid optimizer step alone on the preset with random gradients, and of its
+    Muon and AdamW halves."""
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml")
     model = KotodamaLM(cfg.model).to(args.device)
     opt = build_optimizer(model, cfg.optim)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    times = []
-    for i in range(25):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    out = {"name": "hybrid_optimizer_step", "ms": round(_median_ms(opt.step, args.device), 2)}
+    for part, o in opt.optimizers.items():
+        out[f"{part}_ms"] = round(_median_ms(o.step, args.device), 2)
+    out["muon_matrices"] = (sum(len(g["params"]) for g in opt.optimizers["muon"].param_groups)
+                            if "muon" in opt.optimizers else 0)
+    return out
+
+
+def profile_step(args) -> dict:
+    """CUDA time by kernel over a few compiled project steps (model, loss, backward, clip, optimizer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml")
+    model = KotodamaLM(cfg.model).to(args.device)
+    opt = build_optimizer(model, cfg.optim)
+    fwd = torch.compile(model)
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device=args.device)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = fwd(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 5:
-            times.append((time.perf_counter() - t0) * 1e3)
-    muon = sum(len(g["params"]) for g in opt.optimizers["muon"].param_groups) if "muon" in opt.optimizers else 0
-    return {"name": "hybrid_optimizer_step", "ms": round(statistics.median(times), 2), "muon_matrices": muon}
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+    Path(args.profile_out).write_text(table)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages()) / 3
+    return {"name": "profile", "cuda_ms_per_step": round(total_us / 1e3, 1), "table": args.profile_out}
 
 
 def reference(args, variant: str, batch: int) -> dict:
@@ -115,30 +179,37 @@ def main() -> None:
     ap.add_argument("--anchor", required=True, help="path to ref_train_bench.py")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--steps", type=int, default=14)
-    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--window", type=int, default=4, help="steps per timed window (one sync each)")
+    ap.add_argument("--windows", type=int, default=3, help="timed windows per measurement")
+    ap.add_argument("--warmup-windows", type=int, default=1)
+    ap.add_argument("--profile-out", default="profile.txt")
     ap.add_argument("--ref-timeout", type=int, default=300)
     ap.add_argument("--preset", default="proxy-108m")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--only", default="ref,project,no_attnres,attnres_ref,optimizer,mb16",
+    ap.add_argument("--only", default="ref,project,per_read,no_attnres,attnres_ref,optimizer,mb16",
                     help="comma list of measurements to run")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(json.dumps({"torch": torch.__version__, "device": name}), flush=True)
-    only = set(args.only.split(","))
     results: dict[str, dict] = {}
     t0 = time.time()
     plan = [("ref", lambda: reference(args, "ref_compile", args.batch)),
-            ("project", lambda: project_step(args, True, args.batch, args.steps, not args.no_compile)),
-            ("no_attnres", lambda: project_step(args, False, args.batch, args.steps, not args.no_compile)),
+            ("project", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile)),
+            ("per_read", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                              two_phase=False)),
+            ("no_attnres", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile)),
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),
-            ("mb16", lambda: project_step(args, True, 16, args.warmup + 3, not args.no_compile))]
-    for key, fn in plan:
-        if key not in only:
-            continue
+            ("mb16", lambda: project_step(args, True, 16, 1, not args.no_compile)),
+            ("profile", lambda: profile_step(args))]
+    steps = dict(plan)
+    unknown = [k for k in args.only.split(",") if k not in steps]
+    if unknown:
+        raise SystemExit(f"unknown measurement(s) {unknown}; choose from {list(steps)}")
+    for key in args.only.split(","):  # in the order given, so the most wanted come first
+        fn = steps[key]
         try:
             results[key] = fn()
         except Exception as exc:  # one failed measurement must not lose the others
@@ -147,11 +218,14 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     summary = {"elapsed_s": round(time.time() - t0)}
-    ref, proj, plain = (results.get(k, {}).get("tok_s") for k in ("ref", "project", "no_attnres"))
+    ref, proj, plain, per_read = (results.get(k, {}).get("tok_s")
+                                  for k in ("ref", "project", "no_attnres", "per_read"))
     if ref and proj:
         summary["project_over_ref_compile"] = round(proj / ref, 3)
     if proj and plain:
         summary["attnres_cost"] = round(1 - proj / plain, 3)
+    if proj and per_read:
+        summary["two_phase_over_per_read"] = round(proj / per_read, 3)
     if "attnres_ref" in results and results["attnres_ref"].get("tok_s") and proj:
         summary["project_over_attnres_compile"] = round(proj / results["attnres_ref"]["tok_s"], 3)
     print(json.dumps({"summary": summary}), flush=True)
