@@ -386,7 +386,9 @@ class KotodamaLM(nn.Module):
         queries = torch.stack([q for q, _ in params])
         gains = torch.stack([n.weight for _, n in params])
         mix, lse = completed_sources_mix(done, queries, gains, params[0][1].eps)
-        return mix, lse, {k: r for r, k in enumerate(keys)}
+        # One tensor per read: slicing the stacked result per read would make each read's gradient a
+        # full-size zero-padded copy in backward (R of them per block); unbind's backward is one stack.
+        return mix.unbind(0), lse.unbind(0), {k: r for r, k in enumerate(keys)}
 
     def _block_read(self, block, key: tuple[str, int], partial: Tensor | None) -> Tensor:
         """Phase 2: the read `key` of the open block (before the first block: the stream itself)."""
