@@ -57,6 +57,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         ce_sum = torch.zeros((), dtype=acc, device=h.device)
         z_sum = torch.zeros((), dtype=acc, device=h.device)
+        # Under autocast the two gradient products run in the autocast dtype: cast each chunk's
+        # gradient once for both, rather than letting autocast cast it (and its transpose) twice.
+        device_type = h.device.type
+        mm_dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                    else weight.dtype)
         for start in range(0, h.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, h.shape[0])
             h_c, y, ok = h[start:stop], targets[start:stop], valid[start:stop]
@@ -71,8 +76,9 @@ class _FusedLinearLoss(torch.autograd.Function):
             grad_logits = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in the logits' buffer
             grad_logits.mul_((scale * (1 + 2 * z_loss_weight * lse)).unsqueeze(-1))
             grad_logits.scatter_add_(-1, y_safe, -scale.unsqueeze(-1))
-            grad_h[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(h.dtype)
-            grad_w += (grad_logits.t().to(h.dtype) @ h_c).to(acc)
+            grad_mm = grad_logits.to(mm_dtype)
+            grad_h[start:stop] = (grad_mm @ weight.to(mm_dtype)).to(h.dtype)
+            grad_w += (grad_mm.t() @ h_c.to(mm_dtype)).to(acc)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         ce, z = ce_sum / count, z_sum / count
         return ce + z_loss_weight * z, ce, z
