@@ -210,10 +210,12 @@ def main() -> None:
         raise SystemExit(f"unknown measurement(s) {unknown}; choose from {list(steps)}")
     for key in args.only.split(","):  # in the order given, so the most wanted come first
         fn = steps[key]
+        started = time.time()
         try:
             results[key] = fn()
         except Exception as exc:  # one failed measurement must not lose the others
             results[key] = {"name": key, "error": f"{type(exc).__name__}: {exc}"[:800]}
+        results[key]["elapsed_s"] = round(time.time() - started)
         print(json.dumps(results[key]), flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()
