@@ -11,10 +11,6 @@ import yaml
 
 from flows.ablation import build_ablation_plan, changed_keys, expand_arms, load_spec
 from kotodama_core.config import CONFIGS_ROOT, ConfigError, load_config
-from kotodama_core.train.config import InitConfig
-
-HAS_RESET = "reset_attn_res" in InitConfig.model_fields
-NEEDS_RESET = pytest.mark.skipif(not HAS_RESET, reason="train.init.reset_attn_res is not wired into the config yet")
 MATRIX = ["nca-attnres", "p1-adamw", "p3-muon", "nca-only", "attnres-fresh", "nca-routing-reset"]
 
 
@@ -124,9 +120,8 @@ def nca_spec(arms):
 
 def test_arms_with_the_same_nca_share_the_nca_chain():
     arms = {"nca-attnres": {}, "nca-only": {"model.attn_res": False},
-            "attnres-fresh": {"train.init.mode": "scratch"}, "nca-seed": {"nca_run.train.seed": 3}}
-    if HAS_RESET:
-        arms["routing-reset"] = {"train.init.reset_attn_res": True}
+            "attnres-fresh": {"train.init.mode": "scratch"}, "nca-seed": {"nca_run.train.seed": 3},
+            "routing-reset": {"train.init.reset_attn_res": True}}
     plan = build_ablation_plan(nca_spec(arms))
     per = plan.arm_steps
     assert "nca_train" not in per["attnres-fresh"]
@@ -143,9 +138,9 @@ def test_arms_with_the_same_nca_share_the_nca_chain():
     assert len({s.digest for s in plan.steps}) == len(plan.steps)
     keys = [s.key for s in plan.steps]
     assert keys.count("data") == 1 and any(re.fullmatch(r"nca_search\[.*nca-only.*\]", k) for k in keys)
-    if HAS_RESET:  # the control reuses the published recipe's NCA training: same digest, trained once
-        assert per["routing-reset"]["nca_train"] is per["nca-attnres"]["nca_train"]
-        assert per["routing-reset"]["train"].digest != per["nca-attnres"]["train"].digest
+    # the routing-reset control reuses the published recipe's NCA training: same digest, trained once
+    assert per["routing-reset"]["nca_train"] is per["nca-attnres"]["nca_train"]
+    assert per["routing-reset"]["train"].digest != per["nca-attnres"]["train"].digest
 
 
 def _matrix_arms_match_run_configs(names):
@@ -177,7 +172,6 @@ def test_kotodama_matrix_arms_are_the_report_cells():
     assert nca["nca-attnres"].train.steps == 6500 and nca["nca-attnres"].nca.seed == 17
 
 
-@NEEDS_RESET
 def test_kotodama_matrix_routing_reset_control():
     plan = _matrix_arms_match_run_configs(MATRIX)
     per = plan.arm_steps
