@@ -12,7 +12,7 @@ runs as a subprocess of the anchor script (`ref_compile`, `attnres_compile`) wit
 length. Prints one JSON line per measurement and a summary with the ratios.
 
 Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
-two-phase one), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
+two-phase one), torch_reads (two-phase reads without the Triton kernels), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out).
 """
@@ -62,7 +62,7 @@ def random_data(folder: Path, rows: int, window: int, vocab: int) -> Path:
 
 
 def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
-                 two_phase: bool = True) -> dict:
+                 variant: str = "", **model_kwargs) -> dict:
     """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
     steps = (args.warmup_windows + windows) * args.window
     overrides = {"train.seq_len": args.seq, "train.micro_batch": batch,
@@ -82,8 +82,8 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         model_class = engine.KotodamaLM
-        if not two_phase:  # the bench's only way in: the engine builds its model from the config
-            engine.KotodamaLM = functools.partial(model_class, attn_res_two_phase=False)
+        if model_kwargs:  # the bench's only way in: the engine builds its model from the config
+            engine.KotodamaLM = functools.partial(model_class, **model_kwargs)
         try:
             train(cfg, data, Path(tmp) / "run", info=info)
         finally:
@@ -96,7 +96,7 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
     step_ms = statistics.median(timed)
     tok_s = batch * args.seq / (step_ms / 1e3)
     mfu = tok_s * model_flops_per_token(cfg.model, args.seq) / H100_PEAK
-    name = "project" + ("" if attn_res else "_no_attnres") + ("" if two_phase else "_per_read")
+    name = "project" + ("" if attn_res else "_no_attnres") + variant
     return {"name": name + ("" if compile_ else "_eager"), "B": batch, "windows_ms": [round(t, 1) for t in timed],
             "T": args.seq, "step_ms": round(step_ms, 1), "tok_s": round(tok_s), "mfu": round(mfu, 3),
             "mem_gb": round(peak, 1), "loss": records[-1].get("loss")}
@@ -198,7 +198,9 @@ def main() -> None:
     plan = [("ref", lambda: reference(args, "ref_compile", args.batch)),
             ("project", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile)),
             ("per_read", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
-                                              two_phase=False)),
+                                              "_per_read", attn_res_two_phase=False)),
+            ("torch_reads", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                                 "_torch_reads", attn_res_kernels=False)),
             ("no_attnres", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile)),
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),
@@ -220,14 +222,16 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     summary = {"elapsed_s": round(time.time() - t0)}
-    ref, proj, plain, per_read = (results.get(k, {}).get("tok_s")
-                                  for k in ("ref", "project", "no_attnres", "per_read"))
+    ref, proj, plain, per_read, torch_reads = (results.get(k, {}).get("tok_s") for k in
+                                               ("ref", "project", "no_attnres", "per_read", "torch_reads"))
     if ref and proj:
         summary["project_over_ref_compile"] = round(proj / ref, 3)
     if proj and plain:
         summary["attnres_cost"] = round(1 - proj / plain, 3)
     if proj and per_read:
         summary["two_phase_over_per_read"] = round(proj / per_read, 3)
+    if proj and torch_reads:
+        summary["kernels_over_torch_reads"] = round(proj / torch_reads, 3)
     if "attnres_ref" in results and results["attnres_ref"].get("tok_s") and proj:
         summary["project_over_attnres_compile"] = round(proj / results["attnres_ref"]["tok_s"], 3)
     print(json.dumps({"summary": summary}), flush=True)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kotodama_core.model import attnres_triton
 from kotodama_core.model.attnres import attn_res_read, completed_sources_mix, open_block_read
 from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.model.loss import chunked_lm_loss
@@ -183,16 +184,19 @@ class KotodamaLM(nn.Module):
     `loss_chunk_tokens` is the number of tokens whose logits the training loss materializes at once.
     `attn_res_two_phase` evaluates the AttnRes reads of a forward pass block by block (see the module
     docstring); False reads every source at every read (attn_res_read), the reference schedule.
+    `attn_res_kernels` runs phase 1 of the two-phase reads with the Triton kernels of attnres_triton when
+    the activations are on CUDA and Triton is installed; elsewhere the PyTorch formulation runs.
     """
 
     def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096,
-                 attn_res_two_phase: bool = True):
+                 attn_res_two_phase: bool = True, attn_res_kernels: bool = True):
         super().__init__()
         if loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
         self.cfg = cfg
         self.loss_chunk_tokens = loss_chunk_tokens
         self.attn_res_two_phase = attn_res_two_phase
+        self.attn_res_kernels = attn_res_kernels
         d = cfg.hidden_size
         self.embed_tokens = _embedding(cfg.vocab_size, d, device)
         self.layers = nn.ModuleList(Layer(cfg, i, device=device) for i in range(cfg.num_layers))
@@ -385,7 +389,12 @@ class KotodamaLM(nn.Module):
         params = [self._read_params(k) for k in keys]
         queries = torch.stack([q for q, _ in params])
         gains = torch.stack([n.weight for _, n in params])
-        mix, lse = completed_sources_mix(done, queries, gains, params[0][1].eps)
+        eps = params[0][1].eps
+        if self.attn_res_kernels and attnres_triton.available(done[0]):
+            folded = gains.float() * queries.float()
+            mix, lse = attnres_triton.completed_sources_mix_triton(done, folded, eps)
+        else:
+            mix, lse = completed_sources_mix(done, queries, gains, eps)
         # One tensor per read: slicing the stacked result per read would make each read's gradient a
         # full-size zero-padded copy in backward (R of them per block); unbind's backward is one stack.
         return mix.unbind(0), lse.unbind(0), {k: r for r, k in enumerate(keys)}
