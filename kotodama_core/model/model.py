@@ -38,6 +38,7 @@ exists, so the state dict and parameter count are the published ones.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +213,7 @@ class KotodamaLM(nn.Module):
         self._block_starts = frozenset(cfg.block_starts()) if cfg.attn_res else frozenset()
         self._block_reads = _block_read_plan(sorted(self._block_starts), cfg.num_layers)
         self._build_techniques(device)
+        self._regions = _Regions(layer_step, completed_sources_mix, KotodamaLM.head)
         self.init_weights()
 
     def _build_techniques(self, device) -> None:
@@ -324,7 +326,7 @@ class KotodamaLM(nn.Module):
     def forward(self, input_ids: Tensor, targets: Tensor | None = None):
         """input_ids (B, T) -> logits (B, T, V); with targets -> (loss, {"ce", "z_loss"}) (chunked)."""
         hidden = self._backbone(input_ids)
-        return self.head(hidden, input_ids, targets)
+        return self._regions.head(self, hidden, input_ids, targets)
 
     def head(self, hidden: Tensor, input_ids: Tensor, targets: Tensor | None = None):
         """Final normed states -> logits (with the bigram rows and the softcap when on), or the loss."""
@@ -365,15 +367,6 @@ class KotodamaLM(nn.Module):
         del rec["layers"]
         return rec
 
-    def _read(self, sources: list[Tensor], query: Tensor, norm: RMSNorm, rec: dict | None, key) -> Tensor:
-        if rec is None:
-            return attn_res_read(sources, query, norm.weight, norm.eps)
-        out, weights = attn_res_read(sources, query, norm.weight, norm.eps, return_weights=True)
-        if key is not None:
-            layer, kind = key
-            rec["attn_res_weights"][layer][kind] = weights
-        return out
-
     def _read_params(self, key: tuple[str, int]) -> tuple[Tensor, RMSNorm]:
         kind, i = key
         if kind == "final":
@@ -394,32 +387,37 @@ class KotodamaLM(nn.Module):
             folded = gains.float() * queries.float()
             mix, lse = attnres_triton.completed_sources_mix_triton(done, folded, eps)
         else:
-            mix, lse = completed_sources_mix(done, queries, gains, eps)
+            mix, lse = self._regions.phase_one(done, queries, gains, eps)
         # One tensor per read: slicing the stacked result per read would make each read's gradient a
         # full-size zero-padded copy in backward (R of them per block); unbind's backward is one stack.
         return mix.unbind(0), lse.unbind(0), {k: r for r, k in enumerate(keys)}
 
-    def _block_read(self, block, key: tuple[str, int], partial: Tensor | None) -> Tensor:
-        """Phase 2: the read `key` of the open block (before the first block: the stream itself)."""
+    def _read_spec(self, block, done: list[Tensor], key: tuple[str, int], opens_block: bool,
+                   two_phase: bool) -> ReadSpec:
+        """How the read `key` is evaluated (see ReadSpec); `opens_block`: no open-block sum exists yet."""
+        if not self.cfg.attn_res:
+            return ReadSpec("plain")
         query, norm = self._read_params(key)
+        if not two_phase:
+            return ReadSpec("per_read", list(done), query, norm, key)
         if block is None:
-            # Before the first block the read has one source (its value is the stream itself); the
-            # plain read keeps the queries in the graph, so DDP sees them used (with zero gradient).
-            return attn_res_read([partial], query, norm.weight, norm.eps)
+            return ReadSpec("single", None, query, norm, key)
         mix, lse, index = block
         r = index[key]
-        if partial is None:  # the block's first read sees only completed sources
-            return mix[r].to(self.embed_tokens.weight.dtype)
-        return open_block_read(mix[r], lse[r], partial, query, norm.weight, norm.eps)
+        if opens_block:  # the block's first read sees only completed sources
+            return ReadSpec("first", mix[r], query, norm, key)
+        return ReadSpec("merge", (mix[r], lse[r]), query, norm, key)
 
-    def _ffn(self, layer: Layer, h: Tensor, r: dict | None, i: int) -> Tensor:
-        n = layer.ffn_norm(h)
-        if layer.norm_scale != 1.0:
-            n = n * layer.norm_scale
-        if r is None:
-            return layer.ffn(n)
-        m, r["mlp_act"][i] = layer.ffn(n, return_act=True)
-        return m
+    def compile_regions(self, **compile_kwargs) -> None:
+        """torch.compile the repeated regions instead of the whole model: the layer step (one graph for
+        every layer of the same kind), phase 1 of the reads when it runs in PyTorch, and the head with
+        its loss. The Python between them (block bookkeeping, embedding) stays eager. Compiling takes
+        a few graphs instead of one graph of every layer unrolled."""
+        # Unbound functions only: a deep copy of the model (the averaged weights' evaluation) must not
+        # call back into this instance.
+        self._regions = _Regions(torch.compile(layer_step, **compile_kwargs),
+                                 torch.compile(completed_sources_mix, **compile_kwargs),
+                                 torch.compile(KotodamaLM.head, **compile_kwargs))
 
     def _backbone(self, input_ids: Tensor, rec: dict | None = None) -> Tensor:
         """Embedding -> layers -> final read -> norm; returns the normed final hidden (B, T, D)."""
@@ -437,6 +435,7 @@ class KotodamaLM(nn.Module):
         ve_residual = value_embed is not None and not self._value_embed_into_values
         plan = recurrence.plan(self.cfg.num_layers) if recurrence is not None else self._plan
         two_phase = attn_res and rec is None and self.attn_res_two_phase
+        step = self._regions.layer_step if rec is None else layer_step
         block = None  # two-phase state of the open block: (mix, lse, read index by key)
         done: list[Tensor] = []
         partial: Tensor | None = emb
@@ -445,18 +444,12 @@ class KotodamaLM(nn.Module):
         for i, repeat, slot in plan:
             layer = self.layers[i]
             r = rec if rec is not None and i in rec["layers"] else None
-            if two_phase:
-                if i in self._block_starts:
-                    done.append(partial)
-                    partial = None
+            if attn_res and i in self._block_starts:
+                done.append(partial)
+                partial = None
+                if two_phase:
                     block = self._open_block(done, i)
-                h = self._block_read(block, ("attn", i), partial)
-            elif attn_res:
-                h = self._read(done + [partial], layer.attn_res_query, layer.attn_res_norm, r, (i, "attn"))
-                if i in self._block_starts:
-                    done.append(partial)
-                    partial = None
-            else:
+            if not attn_res:
                 if repeat >= 0:
                     partial = recurrence.enter(partial, repeat, slot, previous)
                 if unet is not None and i in unet.pairs:
@@ -466,39 +459,92 @@ class KotodamaLM(nn.Module):
                     extra = value_embed.term(i, input_ids)
                     if extra is not None:
                         partial = partial + extra.to(partial.dtype)
-                h = partial
             v_extra = value_embed.term(i, input_ids) if ve_values else None
-            n = layer.attn_norm(h)
-            if layer.norm_scale != 1.0:
-                n = n * layer.norm_scale
-            if r is not None:
-                r["hidden"][i] = h
-                a, r["attn_probs"][i] = layer.attn(n, cos, sin, return_probs=True, v_extra=v_extra)
-            else:
-                a = layer.attn(n, cos, sin, v_extra=v_extra)
-            if layer.parallel:  # GPT-J: attention and MLP read the same input h
-                partial = partial + a + self._ffn(layer, h, r, i)
-            else:
-                partial = a.to(emb.dtype) if partial is None else partial + a
-                if two_phase:
-                    h = self._block_read(block, ("mlp", i), partial)
-                elif attn_res:
-                    h = self._read(done + [partial], layer.mlp_res_query, layer.mlp_res_norm, r, (i, "mlp"))
-                else:
-                    h = partial
-                partial = partial + self._ffn(layer, h, r, i)
+            attn_read = self._read_spec(block, done, ("attn", i), partial is None, two_phase)
+            mlp_read = self._read_spec(block, done, ("mlp", i), False, two_phase)
+            partial = step(layer, partial, cos, sin, v_extra, attn_read, mlp_read, emb.dtype, r, i)
             if r is not None:
                 r["layer_out"][i] = partial
             if repeat >= 0:
                 previous[slot] = partial
             if unet is not None and i in unet.encoders:
                 skips[i] = partial
-        x = partial
-        if two_phase:
-            x = self._block_read(block, ("final", -1), partial)
-        elif attn_res:
-            x = self._read(done + [partial], self.final_res_query, self.final_res_norm, rec, None)
-        return self.norm(x)
+        final = self._read_spec(block, done, ("final", -1), False, two_phase)
+        return self.norm(apply_read(final, partial, emb.dtype, rec))
+
+
+class ReadSpec(NamedTuple):
+    """One AttnRes read of a layer step. mode:
+    plain     no AttnRes: the read is the stream itself
+    per_read  one softmax over `inputs` (the completed sources) and the open block's sum, if any
+    single    before the first block: one source, the open block's sum (its weight is exactly 1)
+    first     a block's first read: `inputs` is its phase-1 mix of the completed sources
+    merge     `inputs` = (mix, lse) of phase 1, merged with the open block's sum (open_block_read)"""
+
+    mode: str
+    inputs: Any = None
+    query: Tensor | None = None
+    norm: RMSNorm | None = None
+    key: tuple[str, int] | None = None
+
+
+def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype, rec: dict | None) -> Tensor:
+    """Evaluate one read; with `rec`, per-read weights are recorded under rec["attn_res_weights"]."""
+    if spec.mode == "plain":
+        return partial
+    if spec.mode == "first":
+        return spec.inputs.to(stream_dtype)
+    if spec.mode == "merge":
+        mix, lse = spec.inputs
+        return open_block_read(mix, lse, partial, spec.query, spec.norm.weight, spec.norm.eps)
+    sources = [partial] if spec.mode == "single" else spec.inputs + ([partial] if partial is not None else [])
+    if rec is None:
+        return attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps)
+    out, weights = attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps, return_weights=True)
+    kind, layer = spec.key
+    if kind != "final":
+        rec["attn_res_weights"][layer][kind] = weights
+    return out
+
+
+def _ffn(layer: Layer, h: Tensor, rec: dict | None, i: int) -> Tensor:
+    n = layer.ffn_norm(h)
+    if layer.norm_scale != 1.0:
+        n = n * layer.norm_scale
+    if rec is None:
+        return layer.ffn(n)
+    m, rec["mlp_act"][i] = layer.ffn(n, return_act=True)
+    return m
+
+
+def layer_step(layer: Layer, partial: Tensor | None, cos: Tensor, sin: Tensor, v_extra: Tensor | None,
+               attn_read: ReadSpec, mlp_read: ReadSpec, stream_dtype: torch.dtype, rec: dict | None = None,
+               index: int = -1) -> Tensor:
+    """One layer: attention read, attention sublayer, MLP read, MLP sublayer; returns the new open-block
+    sum (or residual stream). The unit KotodamaLM.compile_regions compiles once for every layer.
+    With `rec` (trace), the layer's internals are recorded under `index`."""
+    h = apply_read(attn_read, partial, stream_dtype, rec)
+    n = layer.attn_norm(h)
+    if layer.norm_scale != 1.0:
+        n = n * layer.norm_scale
+    if rec is not None:
+        rec["hidden"][index] = h
+        a, rec["attn_probs"][index] = layer.attn(n, cos, sin, return_probs=True, v_extra=v_extra)
+    else:
+        a = layer.attn(n, cos, sin, v_extra=v_extra)
+    if layer.parallel:  # GPT-J: attention and MLP read the same input h
+        return partial + a + _ffn(layer, h, rec, index)
+    partial = a.to(stream_dtype) if partial is None else partial + a
+    h = apply_read(mlp_read, partial, stream_dtype, rec)
+    return partial + _ffn(layer, h, rec, index)
+
+
+class _Regions(NamedTuple):
+    """The functions the forward pass calls for its repeated parts: plain, or compiled ones."""
+
+    layer_step: Callable
+    phase_one: Callable
+    head: Callable
 
 
 def _block_read_plan(starts: list[int], num_layers: int) -> dict[int, list[tuple[str, int]]]:

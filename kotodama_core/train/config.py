@@ -77,6 +77,9 @@ class TrainConfig(StrictModel):
     # auto: bf16 autocast on CUDA, fp32 on CPU.
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
+    # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
+    # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).
+    compile_scope: Literal["model", "layers"] = "model"
     nproc: int = 1
     log_every: int = 10
     val_every: int = 0

@@ -276,7 +276,11 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     if tcfg.compile:
         # Compiled separately, so the switch to QAT costs one new graph rather than a recompile per step.
         qat_fwd = torch.compile(qat_fwd) if qat_fwd is not None else None
-        fwd_plain = torch.compile(fwd)
+        if tcfg.compile_scope == "layers":
+            model.compile_regions()
+            fwd_plain = fwd
+        else:
+            fwd_plain = torch.compile(fwd)
     else:
         fwd_plain = fwd
 
