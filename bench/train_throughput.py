@@ -12,7 +12,8 @@ runs as a subprocess of the anchor script (`ref_compile`, `attnres_compile`) wit
 length. Prints one JSON line per measurement and a summary with the ratios.
 
 Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
-two-phase one), torch_reads (two-phase reads without the Triton kernels), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
+two-phase one), torch_reads (two-phase reads without the Triton kernels), regions (train.compile_scope
+layers: the repeated regions compiled instead of the whole model), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out).
 """
@@ -62,7 +63,7 @@ def random_data(folder: Path, rows: int, window: int, vocab: int) -> Path:
 
 
 def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
-                 variant: str = "", **model_kwargs) -> dict:
+                 variant: str = "", config: dict | None = None, **model_kwargs) -> dict:
     """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
     steps = (args.warmup_windows + windows) * args.window
     overrides = {"train.seq_len": args.seq, "train.micro_batch": batch,
@@ -73,6 +74,7 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
                  "model.attn_res": attn_res}
     if not attn_res:
         overrides["model.attn_res_boundaries"] = None
+    overrides.update(config or {})
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
     cuda = args.device == "cuda"
     info = DistInfo(0, 1, 0, torch.device(args.device))
@@ -199,6 +201,8 @@ def main() -> None:
             ("project", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile)),
             ("per_read", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                               "_per_read", attn_res_two_phase=False)),
+            ("regions", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                             "_regions", {"train.compile_scope": "layers"})),
             ("torch_reads", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                                  "_torch_reads", attn_res_kernels=False)),
             ("no_attnres", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile)),

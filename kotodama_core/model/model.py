@@ -17,6 +17,8 @@ and finally x = read(done + [partial], final_res_query, final_res_norm), logits 
 autocast) so block sums do not accumulate in bf16. Training forwards (no trace) evaluate the same reads
 in two phases per block (attnres.completed_sources_mix once when a block opens, open_block_read at each
 read): the same function, with each completed source read once per block instead of once per read.
+Each layer runs through `layer_step` (its two reads and two sublayers), the unit that compile_regions
+compiles once for all layers; the trace and the per-read schedule go through the same function.
 
 Optional techniques (cfg.techniques, all off by default; each in techniques/ with its formula):
     xsa_last_n       attention output of the last N layers made orthogonal to the own value (xsa.py)
