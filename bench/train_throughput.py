@@ -12,7 +12,7 @@ runs as a subprocess of the anchor script (`ref_compile`, `attnres_compile`) wit
 length. Prints one JSON line per measurement and a summary with the ratios.
 
 Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
-two-phase one), torch_reads (two-phase reads without the Triton kernels), regions (train.compile_scope
+two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.attn_res_kernels), regions (train.compile_scope
 layers: the repeated regions compiled instead of the whole model), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out).
@@ -203,8 +203,8 @@ def main() -> None:
                                               "_per_read", attn_res_two_phase=False)),
             ("regions", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                              "_regions", {"train.compile_scope": "layers"})),
-            ("torch_reads", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
-                                                 "_torch_reads", attn_res_kernels=False)),
+            ("kernels", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                             "_kernels", {"train.attn_res_kernels": True})),
             ("no_attnres", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile)),
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),
@@ -226,16 +226,16 @@ def main() -> None:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     summary = {"elapsed_s": round(time.time() - t0)}
-    ref, proj, plain, per_read, torch_reads = (results.get(k, {}).get("tok_s") for k in
-                                               ("ref", "project", "no_attnres", "per_read", "torch_reads"))
+    ref, proj, plain, per_read, kernels = (results.get(k, {}).get("tok_s") for k in
+                                           ("ref", "project", "no_attnres", "per_read", "kernels"))
     if ref and proj:
         summary["project_over_ref_compile"] = round(proj / ref, 3)
     if proj and plain:
         summary["attnres_cost"] = round(1 - proj / plain, 3)
     if proj and per_read:
         summary["two_phase_over_per_read"] = round(proj / per_read, 3)
-    if proj and torch_reads:
-        summary["kernels_over_torch_reads"] = round(proj / torch_reads, 3)
+    if proj and kernels:
+        summary["kernels_over_project"] = round(kernels / proj, 3)
     if "attnres_ref" in results and results["attnres_ref"].get("tok_s") and proj:
         summary["project_over_attnres_compile"] = round(proj / results["attnres_ref"]["tok_s"], 3)
     print(json.dumps({"summary": summary}), flush=True)

@@ -188,11 +188,12 @@ class KotodamaLM(nn.Module):
     `attn_res_two_phase` evaluates the AttnRes reads of a forward pass block by block (see the module
     docstring); False reads every source at every read (attn_res_read), the reference schedule.
     `attn_res_kernels` runs phase 1 of the two-phase reads with the Triton kernels of attnres_triton when
-    the activations are on CUDA and Triton is installed; elsewhere the PyTorch formulation runs.
+    the activations are on CUDA and Triton is installed; elsewhere, or when False, the PyTorch
+    formulation runs (train.attn_res_kernels sets it for training runs).
     """
 
     def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096,
-                 attn_res_two_phase: bool = True, attn_res_kernels: bool = True):
+                 attn_res_two_phase: bool = True, attn_res_kernels: bool = False):
         super().__init__()
         if loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {loss_chunk_tokens}")

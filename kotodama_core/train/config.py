@@ -80,6 +80,9 @@ class TrainConfig(StrictModel):
     # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
     # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).
     compile_scope: Literal["model", "layers"] = "model"
+    # Phase 1 of the AttnRes reads with the Triton kernels (kotodama_core/model/attnres_triton.py) on
+    # CUDA. Off until they have been run on a GPU: so far they are checked in Triton's CPU interpreter.
+    attn_res_kernels: bool = False
     nproc: int = 1
     log_every: int = 10
     val_every: int = 0

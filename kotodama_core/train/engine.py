@@ -204,7 +204,7 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
     """Build model, optimizer and loader; resume from the newest checkpoint in `work`, else apply init."""
     _check_vocab(cfg, data_dir)
     torch.manual_seed(cfg.train.seed)
-    model = KotodamaLM(cfg.model).to(info.device)
+    model = KotodamaLM(cfg.model, attn_res_kernels=cfg.train.attn_res_kernels).to(info.device)
     loader = _loader_for(cfg, data_dir, info)
     resumed = ckpt.load_latest_checkpoint(work / "checkpoints")
     if resumed is None and cfg.train.init.mode == "resume":
