@@ -55,9 +55,10 @@ def test_rolling_perplexity_equals_hand_computed_sliding_window():
     ids = [lm.eot_token_id] + lm.tok_encode(text)
     assert len(ids) > 20
     manual = 0.0
-    for t in range(1, len(ids)):              # each target sees at most 16 previous tokens
-        ctx = ids[max(0, t - 16):t]
-        manual += float(F.log_softmax(lm.model(torch.tensor([ctx]))[0, -1].double(), -1)[ids[t]])
+    with torch.no_grad():
+        for t in range(1, len(ids)):              # each target sees at most 16 previous tokens
+            ctx = ids[max(0, t - 16):t]
+            manual += float(F.log_softmax(lm.model(torch.tensor([ctx]))[0, -1].double(), -1)[ids[t]])
     (got,) = lm.loglikelihood_rolling([Req(text)], disable_tqdm=True)
     assert got == pytest.approx(manual, abs=1e-3)
     ppl_manual = math.exp(-manual / (len(ids) - 1))
