@@ -71,7 +71,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kotodama_core.config import load_config, parse_override  # noqa: E402
+from kotodama_core.config import load_config, parse_overrides  # noqa: E402
 from kotodama_core.model import KotodamaLM  # noqa: E402
 from kotodama_core.optim import build_optimizer  # noqa: E402
 from kotodama_core.optim.averaging import WeightAverager  # noqa: E402
@@ -135,7 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def arm_config(args: argparse.Namespace, arm: str):
     """The preset + --set + the arm's overrides, validated by load_config."""
-    common = {".".join(parts): value for parts, value in map(parse_override, args.set)}
+    common = parse_overrides(args.set)
     return load_config(ROOT / f"configs/presets/{args.preset}.yaml", {**common, **ARMS[arm]})
 
 

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from kotodama_core.artifacts import write_manifest  # noqa: E402
-from kotodama_core.config import load_config  # noqa: E402
+from kotodama_core.config import load_config, parse_overrides  # noqa: E402
 from kotodama_core.data.manifest_fields import describe_splits  # noqa: E402
 from kotodama_core.data.shards import write_shard  # noqa: E402
 from kotodama_core.model import KotodamaLM  # noqa: E402
@@ -74,6 +74,7 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
                  "model.attn_res": attn_res}
     if not attn_res:
         overrides["model.attn_res_boundaries"] = None
+    overrides.update(parse_overrides(args.set))
     overrides.update(config or {})
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
     cuda = args.device == "cuda"
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--preset", default="proxy-108m")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every project measurement, e.g. train.compile_scope=layers")
     ap.add_argument("--only", default="ref,project,per_read,no_attnres,attnres_ref,optimizer,mb16",
                     help="comma list of measurements to run")
     args = ap.parse_args()

@@ -119,13 +119,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def parse_overrides(texts: Iterable[str]) -> dict[str, Any]:
+    """["a.b=v", ...] -> {"a.b": v, ...} (values parsed as YAML; a later key wins)."""
+    return {".".join(parts): value for parts, value in map(parse_override, texts)}
+
+
 def apply_overrides(tree: Mapping[str, Any], overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
     """Apply dotted overrides (strings `a.b=v` or a mapping {"a.b": v}) to a config tree."""
     out = copy.deepcopy(dict(tree))
-    items = (overrides.items() if isinstance(overrides, Mapping)
-             else (parse_override(o) for o in overrides))
-    for key, value in items:
-        parts = key.split(".") if isinstance(key, str) else list(key)
+    items = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    for key, value in items.items():
+        parts = key.split(".")
         node = out
         for p in parts[:-1]:
             child = node.get(p)
