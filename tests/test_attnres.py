@@ -208,21 +208,15 @@ def test_two_phase_forward_and_gradients_match_per_read_schedule(boundaries):
 
 
 # ----------------------------------------------------------------- regional compilation
-def test_regional_compile_reuses_one_layer_graph_and_matches_eager():
-    graphs = []
-
-    def recording_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    cfg = small_cfg(num_layers=6, attn_res_boundaries=[0, 2, 4])
-    torch.manual_seed(3)
+def _check_regions_match_eager(cfg, backend, seed: int) -> None:
+    """The same weights, eager and with compile_regions(backend): equal loss and gradients."""
+    torch.manual_seed(seed)
     eager = KotodamaLM(cfg)
-    randomize(eager, query_std=0.6, seed=9)
+    randomize(eager, query_std=0.6, seed=seed + 10)
     regional = KotodamaLM(cfg)
     regional.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
-    regional.compile_regions(backend=recording_backend)
+    regional.compile_regions(backend=backend)
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     losses = []
     for model in (eager, regional):
@@ -233,6 +227,16 @@ def test_regional_compile_reuses_one_layer_graph_and_matches_eager():
     grads = dict(eager.named_parameters())
     for name, p in regional.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_regional_compile_reuses_one_layer_graph_and_matches_eager():
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    _check_regions_match_eager(small_cfg(num_layers=6, attn_res_boundaries=[0, 2, 4]), recording_backend, seed=3)
     # Six layers, two kinds of layer step (a block's first layer, the others), the head, and phase 1
     # for 1, 2 and 3 completed sources: six graphs, not one per layer.
     assert len(graphs) == 6, [g.code.splitlines()[0] for g in graphs]
@@ -240,19 +244,5 @@ def test_regional_compile_reuses_one_layer_graph_and_matches_eager():
 
 
 def test_regional_compile_through_aot_autograd_matches_eager():
-    cfg = small_cfg(num_layers=4, attn_res_boundaries=[0, 2])
-    torch.manual_seed(4)
-    eager = KotodamaLM(cfg)
-    randomize(eager, query_std=0.6, seed=10)
-    regional = KotodamaLM(cfg)
-    regional.load_state_dict(eager.state_dict())
-    torch._dynamo.reset()
-    regional.compile_regions(backend="aot_eager")
-    ids = torch.randint(0, cfg.vocab_size, (2, 10))
-    for model in (eager, regional):
-        loss, _ = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-    grads = dict(eager.named_parameters())
-    for name, p in regional.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+    _check_regions_match_eager(small_cfg(num_layers=4, attn_res_boundaries=[0, 2]), "aot_eager", seed=4)
     torch._dynamo.reset()

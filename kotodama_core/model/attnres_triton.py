@@ -37,8 +37,8 @@ def available(tensor: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _mix_forward_kernel(V, GQ, MIX, LSE, N, D, eps,
-                            S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _load_token_sources(V, N, D, eps, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's token row of every source: (token, s, d, masks, v (S_PAD, BLOCK_D), inv_s)."""
         n = tl.program_id(0).to(tl.int64)  # offsets s·N·D pass 2³¹ at large batches
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, BLOCK_D)
@@ -46,7 +46,13 @@ if triton is not None:
         d_ok = d < D
         tile = s_ok[:, None] & d_ok[None, :]
         v = tl.load(V + s[:, None] * N * D + n * D + d[None, :], mask=tile, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)                      # (S_PAD,)
+        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        return n, s, d, s_ok, d_ok, tile, v, inv
+
+    @triton.jit
+    def _mix_forward_kernel(V, GQ, MIX, LSE, N, D, eps,
+                            S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        n, s, d, s_ok, d_ok, tile, v, inv = _load_token_sources(V, N, D, eps, S, S_PAD, BLOCK_D)
         for r in tl.static_range(R):
             q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
             logit = tl.sum(v * q[None, :], axis=1) * inv
@@ -62,14 +68,7 @@ if triton is not None:
     @triton.jit
     def _mix_backward_kernel(V, GQ, LSE, GRAD_MIX, GRAD_LSE, GRAD_V, COEF, N, D, eps,
                              S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)  # offsets s·N·D pass 2³¹ at large batches
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, BLOCK_D)
-        s_ok = s < S
-        d_ok = d < D
-        tile = s_ok[:, None] & d_ok[None, :]
-        v = tl.load(V + s[:, None] * N * D + n * D + d[None, :], mask=tile, other=0.0).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        n, s, d, s_ok, d_ok, tile, v, inv = _load_token_sources(V, N, D, eps, S, S_PAD, BLOCK_D)
         grad_v = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
         norm_term = tl.zeros((S_PAD,), dtype=tl.float32)
         for r in tl.static_range(R):
