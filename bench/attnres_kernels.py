@@ -69,7 +69,7 @@ def main() -> None:
 
     compiled = torch.compile(completed_sources_mix)
     variants = {
-        "triton": lambda: attnres_triton.completed_sources_mix_triton(done, gains * queries, EPS),
+        "triton": lambda: attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS),
         "compiled": lambda: compiled(done, queries, gains, EPS),
         "eager": lambda: completed_sources_mix(done, queries, gains, EPS),
     }

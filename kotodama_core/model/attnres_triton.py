@@ -84,14 +84,11 @@ if triton is not None:
         grad_v -= (inv * inv * norm_term / D)[:, None] * v
         tl.store(GRAD_V + s[:, None] * N * D + n * D + d[None, :], grad_v, mask=tile)
 
+    def _launch_meta(stacked: Tensor, folded_queries: Tensor) -> dict:
+        s, _, d = stacked.shape
+        return {"S": s, "R": folded_queries.shape[0], "S_PAD": max(2, triton.next_power_of_2(s)),
+                "BLOCK_D": triton.next_power_of_2(d), "num_warps": 8 if d >= 512 else 4}
 
-def _launch_meta(stacked: Tensor, folded_queries: Tensor) -> dict:
-    s, _, d = stacked.shape
-    return {"S": s, "R": folded_queries.shape[0], "S_PAD": max(2, triton.next_power_of_2(s)),
-            "BLOCK_D": triton.next_power_of_2(d), "num_warps": 8 if d >= 512 else 4}
-
-
-if triton is not None:
     # Custom operators (not a bare autograd.Function) so torch.compile sees the kernels as graph nodes
     # with known outputs, and autograd gets the backward below.
 
@@ -124,26 +121,26 @@ if triton is not None:
 
     def _backward(ctx, grad_mix, grad_lse):
         stacked, folded_queries, lse = ctx.saved_tensors
-        grad_mix = torch.zeros_like(lse).unsqueeze(-1).expand(-1, -1, stacked.shape[-1]) \
-            if grad_mix is None else grad_mix
+        grad_mix = lse.new_zeros(*lse.shape, stacked.shape[-1]) if grad_mix is None else grad_mix
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
         grad_v, coef = attnres_mix_backward(stacked, folded_queries, lse, grad_mix.contiguous(),
                                             grad_lse.contiguous(), ctx.eps)
         grad_q = coef[0] @ stacked[0]
         for k in range(1, stacked.shape[0]):
             grad_q = grad_q + coef[k] @ stacked[k]
-        return grad_v.to(stacked.dtype), grad_q, None
+        return grad_v, grad_q, None
 
     attnres_mix.register_autograd(_backward, setup_context=_setup_context)
 
 
-def completed_sources_mix_triton(done: list[Tensor], folded_queries: Tensor,
+def completed_sources_mix_triton(done: list[Tensor], queries: Tensor, norm_weights: Tensor,
                                  eps: float) -> tuple[Tensor, Tensor]:
-    """attnres.completed_sources_mix with q̃ = g∘q already folded: sources (B, T, D) each, q̃ (R, D).
-    Returns mix (R, B, T, D) and lse (R, B, T), float32."""
+    """attnres.completed_sources_mix (same arguments and results) with the Triton kernels: sources
+    (B, T, D) each, queries and norm gains (R, D); mix (R, B, T, D) and lse (R, B, T), float32."""
     if len(done) > MAX_SOURCES:
         raise ValueError(f"the Triton AttnRes kernels take at most {MAX_SOURCES} sources, got {len(done)}")
     shape = done[0].shape
     stacked = torch.stack([v.reshape(-1, shape[-1]) for v in done]).float()
-    mix, lse = attnres_mix(stacked, folded_queries.float().contiguous(), float(eps))
+    folded = (norm_weights.float() * queries.float()).contiguous()
+    mix, lse = attnres_mix(stacked, folded, float(eps))
     return mix.view(-1, *shape), lse.view(-1, *shape[:-1])

@@ -386,11 +386,9 @@ class KotodamaLM(nn.Module):
         queries = torch.stack([q for q, _ in params])
         gains = torch.stack([n.weight for _, n in params])
         eps = params[0][1].eps
-        if self.attn_res_kernels and attnres_triton.available(done[0]):
-            folded = gains.float() * queries.float()
-            mix, lse = attnres_triton.completed_sources_mix_triton(done, folded, eps)
-        else:
-            mix, lse = self._regions.phase_one(done, queries, gains, eps)
+        kernels = self.attn_res_kernels and attnres_triton.available(done[0])
+        phase_one = attnres_triton.completed_sources_mix_triton if kernels else self._regions.phase_one
+        mix, lse = phase_one(done, queries, gains, eps)
         # One tensor per read: slicing the stacked result per read would make each read's gradient a
         # full-size zero-padded copy in backward (R of them per block); unbind's backward is one stack.
         return mix.unbind(0), lse.unbind(0), {k: r for r, k in enumerate(keys)}
