@@ -1,18 +1,25 @@
-"""Phase 1 of the two-phase AttnRes read: Triton kernels beside the PyTorch formulation, one block.
+"""The Triton AttnRes kernels beside the PyTorch formulation: phase 1 of one block, and one fused read.
 
     python bench/attnres_kernels.py                       # proxy-108m's largest block, micro-batch 8
     python bench/attnres_kernels.py --sources 6 --reads 7 --tokens 65536
 
-One block of the read schedule: S completed sources (B·T tokens × D, fp32, as the residual stream is) and
-R reads. Times forward and forward+backward (upstream gradients for mix and lse) of
+phase 1 (one block of the read schedule): S completed sources (B·T tokens × D, fp32, as the residual
+stream is) and R reads, forward and forward+backward (upstream gradients for mix and lse) of
     triton     attnres_triton.completed_sources_mix_triton (stack + kernels + S gradient matmuls)
     compiled   torch.compile(attnres.completed_sources_mix)
     eager      attnres.completed_sources_mix
-with CUDA events (median of --repeats after --warmup), and reports the max |difference| of the outputs
-and gradients of each against eager. `bytes_min` is the traffic a one-pass implementation cannot avoid
-(forward: read S sources, write R mixes; backward adds reading them and the R mix gradients and writing
-S source gradients), so `gb_s` = bytes_min / time says how close a variant comes to the memory bandwidth.
-The default shape is block 4 of proxy-108m (layers 12–20: 4 completed sources, 18 reads) at 8 × 4096.
+merge (one read of the open block through the layer's RMSNorm, bf16 out as under autocast):
+    triton     attnres_triton.merged_read_norm_triton (one kernel each way; h never written)
+    compiled   torch.compile(attnres.merged_read_norm)
+    norm_only  torch.compile(rms_norm) of the open block's sum alone: what a plain residual stream pays
+               for the same norm, so triton − norm_only is what the read adds.
+Times are CUDA-event medians of --repeats after --warmup; each variant's outputs and gradients are
+compared with eager (max |difference|). `bytes_min` is the traffic a one-pass implementation cannot avoid
+(phase 1 forward: read S sources, write R mixes; backward adds reading them and the R mix gradients and
+writing S source gradients; merge forward: read mix and p, write y; backward: read mix, p and gy, write
+the mix and p gradients), so `gb_s` = bytes_min / time says how close a variant comes to bandwidth.
+The default phase-1 shape is block 4 of proxy-108m (layers 12–20: 4 completed sources, 18 reads) at
+8 × 4096.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kotodama_core.model import attnres_triton  # noqa: E402
-from kotodama_core.model.attnres import completed_sources_mix  # noqa: E402
+from kotodama_core.model.attnres import completed_sources_mix, merged_read_norm  # noqa: E402
+from kotodama_core.model.norm import rms_norm  # noqa: E402
 
 EPS = 1e-5
 
@@ -47,6 +55,80 @@ def time_ms(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def measure(section: str, variants: dict, leaves: list, upstream: list, bytes_fwd: int, bytes_both: int,
+            args, reference: str = "eager") -> None:
+    """Print forward and forward+backward times and errors against `reference` for each variant."""
+
+    def forward_backward(fn):
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        loss = sum((o.float() * u).sum() for o, u in zip(outs, upstream))
+        return torch.autograd.grad(loss, [x for x in leaves if x.requires_grad], allow_unused=True)
+
+    def as_tuple(x):
+        return x if isinstance(x, tuple) else (x,)
+
+    ref_out = [t.detach().float() for t in as_tuple(variants[reference]())]
+    ref_grads = forward_backward(variants[reference])
+    for name, fn in variants.items():
+        with torch.no_grad():
+            fwd_ms = time_ms(fn, args.repeats, args.warmup)
+        both_ms = time_ms(lambda: forward_backward(fn), args.repeats, args.warmup)
+        row = {"section": section, "variant": name, "forward_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(both_ms, 3),
+               "forward_gb_s": round(bytes_fwd / fwd_ms / 1e6), "fwd_bwd_gb_s": round(bytes_both / both_ms / 1e6)}
+        out = as_tuple(fn())
+        if not name.endswith("_only"):  # *_only variants compute a different function: no comparison
+            grads = forward_backward(fn)
+            row["max_err_out"] = max((a.detach().float() - b).abs().max().item() for a, b in zip(out, ref_out))
+            row["max_err_grad"] = max((a - b).abs().max().item() for a, b in zip(grads, ref_grads)
+                                      if a is not None and b is not None)
+        print(json.dumps(row), flush=True)
+
+
+def phase_one(args, g: torch.Generator) -> None:
+    shape = (1, args.tokens, args.dim)
+    done = [torch.randn(shape, device="cuda", generator=g).requires_grad_() for _ in range(args.sources)]
+    queries = (0.3 * torch.randn(args.reads, args.dim, device="cuda", generator=g)).requires_grad_()
+    gains = (1 + 0.1 * torch.randn(args.reads, args.dim, device="cuda", generator=g)).requires_grad_()
+    upstream = [torch.randn(args.reads, *shape, device="cuda", generator=g),
+                torch.randn(args.reads, *shape[:-1], device="cuda", generator=g)]
+    compiled = torch.compile(completed_sources_mix)
+    variants = {
+        "triton": lambda: attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS),
+        "compiled": lambda: compiled(done, queries, gains, EPS),
+        "eager": lambda: completed_sources_mix(done, queries, gains, EPS),
+    }
+    source_bytes = args.tokens * args.dim * 4
+    bytes_fwd = (args.sources + args.reads) * source_bytes
+    bytes_both = bytes_fwd + (args.sources + args.reads + args.sources) * source_bytes
+    measure("phase1", variants, [*done, queries, gains], upstream, bytes_fwd, bytes_both, args)
+
+
+def merge(args, g: torch.Generator) -> None:
+    shape = (1, args.tokens, args.dim)
+    mix = torch.randn(shape, device="cuda", generator=g).requires_grad_()
+    partial = (2 * torch.randn(shape, device="cuda", generator=g)).requires_grad_()
+    lse = torch.randn(shape[:-1], device="cuda", generator=g).requires_grad_()
+    query = (0.3 * torch.randn(args.dim, device="cuda", generator=g)).requires_grad_()
+    gain = (1 + 0.1 * torch.randn(args.dim, device="cuda", generator=g)).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(args.dim, device="cuda", generator=g)).requires_grad_()
+    upstream = [torch.randn(shape, device="cuda", generator=g)]
+    call = (mix, lse, partial, query, gain, EPS, weight, EPS, torch.bfloat16)
+    compiled = torch.compile(merged_read_norm)
+    compiled_norm = torch.compile(lambda x, w: rms_norm(x, w, EPS).to(torch.bfloat16))
+    variants = {
+        "triton": lambda: attnres_triton.merged_read_norm_triton(*call),
+        "compiled": lambda: compiled(*call),
+        "eager": lambda: merged_read_norm(*call),
+        "norm_only": lambda: compiled_norm(partial, weight),
+    }
+    f32, bf16 = 4, 2
+    n = args.tokens * args.dim
+    bytes_fwd = n * (2 * f32 + bf16)
+    bytes_both = bytes_fwd + n * (2 * f32 + bf16 + 2 * f32)
+    measure("merge", variants, [mix, lse, partial, query, gain, weight], upstream, bytes_fwd, bytes_both, args)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sources", type=int, default=4)
@@ -55,47 +137,17 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--only", default="phase1,merge", help="comma list of sections: phase1, merge")
     args = ap.parse_args()
     if not torch.cuda.is_available() or attnres_triton.triton is None:
         raise SystemExit("needs CUDA and Triton")
     g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (1, args.tokens, args.dim)
-    done = [torch.randn(shape, device="cuda", generator=g).requires_grad_() for _ in range(args.sources)]
-    queries = (0.3 * torch.randn(args.reads, args.dim, device="cuda", generator=g)).requires_grad_()
-    gains = (1 + 0.1 * torch.randn(args.reads, args.dim, device="cuda", generator=g)).requires_grad_()
-    up_mix = torch.randn(args.reads, *shape, device="cuda", generator=g)
-    up_lse = torch.randn(args.reads, *shape[:-1], device="cuda", generator=g)
-    leaves = [*done, queries, gains]
-
-    compiled = torch.compile(completed_sources_mix)
-    variants = {
-        "triton": lambda: attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS),
-        "compiled": lambda: compiled(done, queries, gains, EPS),
-        "eager": lambda: completed_sources_mix(done, queries, gains, EPS),
-    }
-
-    def forward_backward(fn):
-        mix, lse = fn()
-        return torch.autograd.grad((mix * up_mix).sum() + (lse * up_lse).sum(), leaves)
-
-    ref_out = [t.detach() for t in variants["eager"]()]
-    ref_grads = forward_backward(variants["eager"])
-    f32 = 4
-    source_bytes = args.tokens * args.dim * f32
-    bytes_fwd = (args.sources + args.reads) * source_bytes
-    bytes_fwd_bwd = bytes_fwd + (args.sources + args.reads + args.sources) * source_bytes
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **vars(args)}))
-    for name, fn in variants.items():
-        with torch.no_grad():
-            fwd_ms = time_ms(fn, args.repeats, args.warmup)
-        both_ms = time_ms(lambda: forward_backward(fn), args.repeats, args.warmup)
-        out = fn()
-        grads = forward_backward(fn)
-        err_out = max((a.detach() - b).abs().max().item() for a, b in zip(out, ref_out))
-        err_grad = max((a - b).abs().max().item() for a, b in zip(grads, ref_grads))
-        print(json.dumps({"variant": name, "forward_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(both_ms, 3),
-                          "forward_gb_s": round(bytes_fwd / fwd_ms / 1e6), "fwd_bwd_gb_s": round(bytes_fwd_bwd / both_ms / 1e6),
-                          "max_err_out": err_out, "max_err_grad": err_grad}), flush=True)
+    sections = {"phase1": phase_one, "merge": merge}
+    for name in args.only.split(","):
+        if name not in sections:
+            raise SystemExit(f"unknown section {name!r}; choose from {list(sections)}")
+        sections[name](args, g)
 
 
 if __name__ == "__main__":

@@ -136,14 +136,35 @@ def optimizer_step_ms(args) -> dict:
     return out
 
 
+# Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).
+KERNEL_FAMILIES = (("attnres_kernels", ("_mix_forward", "_mix_backward", "_merge_norm")),
+                   ("attention", ("flash", "fmha", "cudnn")),
+                   ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitK")),
+                   ("generated", ("triton_",)),
+                   ("foreach", ("multi_tensor", "foreach")))
+
+
+def kernel_family(name: str) -> str:
+    lowered = name.lower()
+    for family, needles in KERNEL_FAMILIES:
+        if any(n.lower() in lowered for n in needles):
+            return family
+    return "other"
+
+
 def profile_step(args) -> dict:
-    """CUDA time by kernel over a few compiled project steps (model, loss, backward, clip, optimizer)."""
+    """CUDA time by kernel over a few compiled project steps (model, loss, backward, clip, optimizer),
+    built from the same config as the project measurements (so --set applies), and by kernel family."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml")
-    model = KotodamaLM(cfg.model).to(args.device)
+    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", parse_overrides(args.set))
+    model = KotodamaLM(cfg.model, attn_res_kernels=cfg.train.attn_res_kernels).to(args.device)
     opt = build_optimizer(model, cfg.optim)
-    fwd = torch.compile(model)
+    if cfg.train.compile_scope == "layers":
+        model.compile_regions()
+        fwd = model
+    else:
+        fwd = torch.compile(model)
     ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device=args.device)
 
     def step():
@@ -161,10 +182,19 @@ def profile_step(args) -> dict:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=90)
+    events = prof.key_averages()
+    table = events.table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
     Path(args.profile_out).write_text(table)
-    total_us = sum(e.self_device_time_total for e in prof.key_averages()) / 3
-    return {"name": "profile", "cuda_ms_per_step": round(total_us / 1e3, 1), "table": args.profile_out}
+    kernels = [e for e in events if e.self_device_time_total > 0
+               and e.device_type == torch.autograd.DeviceType.CUDA] or [e for e in events if e.self_device_time_total > 0]
+    families: dict[str, float] = {}
+    for e in kernels:
+        key = kernel_family(e.key)
+        families[key] = families.get(key, 0.0) + e.self_device_time_total / 3 / 1e3
+    total_us = sum(e.self_device_time_total for e in kernels) / 3
+    return {"name": "profile", "cuda_ms_per_step": round(total_us / 1e3, 1),
+            "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "table": args.profile_out}
 
 
 def reference(args, variant: str, batch: int) -> dict:

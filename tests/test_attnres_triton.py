@@ -1,4 +1,5 @@
-"""The Triton AttnRes phase-1 kernels against the PyTorch formulation, forward and backward.
+"""The Triton AttnRes kernels (phase 1, and the fused merge read + RMSNorm) against the PyTorch
+formulation, forward and backward, alone and inside the model.
 
 Runs on CUDA; without CUDA it runs only under TRITON_INTERPRET=1 (Triton's CPU interpreter) and is
 skipped otherwise, as it is where Triton is not installed (the CPU-only install).
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from kotodama_core.model import attnres_triton
-from kotodama_core.model.attnres import completed_sources_mix
+from kotodama_core.model.attnres import completed_sources_mix, merged_read_norm
 
 EPS = 1e-5
 CUDA = torch.cuda.is_available()
@@ -58,6 +59,66 @@ def test_mix_alone_or_lse_alone_get_gradients():
         got = torch.autograd.grad(out.sum(), done[0], retain_graph=True)[0]
         want = torch.autograd.grad(ref.sum(), done[0], retain_graph=True)[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch, seq, dim", [(2, 5, 32), (1, 13, 48), (3, 37, 64)])
+def test_fused_merge_read_norm_matches_pytorch_forward_and_backward(batch, seq, dim):
+    g = torch.Generator().manual_seed(dim)
+    mix = torch.randn(batch, seq, dim, generator=g)
+    lse = torch.randn(batch, seq, generator=g)
+    partial = 2 * torch.randn(batch, seq, dim, generator=g)
+    query, read_gain = torch.randn(dim, generator=g), torch.rand(dim, generator=g) + 0.5
+    norm_weight = torch.rand(dim, generator=g) + 0.5
+    leaves = [t.to(DEVICE).requires_grad_() for t in (mix, lse, partial, query, read_gain, norm_weight)]
+    mix, lse, partial, query, read_gain, norm_weight = leaves
+    args = (mix, lse, partial, query, read_gain, 1e-5, norm_weight, 1e-6)
+    want = merged_read_norm(*args)
+    got = attnres_triton.merged_read_norm_triton(*args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(want.shape, generator=g).to(DEVICE)
+    ref_grads = torch.autograd.grad((want * upstream).sum(), leaves)
+    grads = torch.autograd.grad((got * upstream).sum(), leaves)
+    for name, a, b in zip(("mix", "lse", "partial", "query", "read_gain", "norm_weight"), grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fused_merge_read_norm_writes_the_requested_dtype():
+    g = torch.Generator().manual_seed(3)
+    mix, partial = (torch.randn(2, 9, 32, generator=g).to(DEVICE) for _ in range(2))
+    lse = torch.randn(2, 9, generator=g).to(DEVICE)
+    ones = torch.ones(32, device=DEVICE)
+    args = (mix, lse, partial, torch.randn(32, generator=g).to(DEVICE), ones, 1e-5, ones, 1e-5)
+    got = attnres_triton.merged_read_norm_triton(*args, out_dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, merged_read_norm(*args).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+
+
+def test_model_with_kernels_matches_model_without(monkeypatch):
+    """The fused reads wired into the model: same loss and gradients as the PyTorch reads (fp32)."""
+    from kotodama_core.model import KotodamaConfig, KotodamaLM
+
+    monkeypatch.setattr(attnres_triton, "available", lambda tensor: True)
+    cfg = KotodamaConfig(hidden_size=32, num_layers=5, num_attention_heads=2, num_kv_heads=1, head_dim=16,
+                         intermediate_size=48, vocab_size=64, max_position_embeddings=32, rope_theta=10000.0,
+                         attn_res=True, attn_res_boundaries=[0, 2, 3])
+    ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    results = {}
+    for kernels in (False, True):
+        torch.manual_seed(1)
+        model = KotodamaLM(cfg, device=DEVICE, attn_res_kernels=kernels)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("res_query"):
+                    p.normal_(0.0, 0.5)
+                elif name.endswith("norm.weight"):
+                    p.uniform_(0.5, 1.5)
+        loss, _ = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        results[kernels] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.gpu

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kotodama_core.model.norm import rms_norm
+
 
 def attn_res_read(sources: list[Tensor], query: Tensor, norm_weight: Tensor, eps: float,
                   return_weights: bool = False) -> Tensor | tuple[Tensor, Tensor]:
@@ -89,3 +91,14 @@ def open_block_read(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, no
     logit = (p * gq).sum(dim=-1) * torch.rsqrt(p.pow(2).mean(dim=-1) + eps)
     w = torch.sigmoid(logit - lse).unsqueeze(-1)
     return (mix + w * (p - mix)).to(partial.dtype)
+
+
+def merged_read_norm(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, read_gain: Tensor,
+                     read_eps: float, norm_weight: Tensor, norm_eps: float,
+                     out_dtype: torch.dtype | None = None) -> Tensor:
+    """A phase-2 read followed by the consuming layer's RMSNorm, y = RMSNorm_w(open_block_read(...)):
+        h = mix + σ(ℓ_p − lse)·(p − mix),   y = h·rsqrt(mean(h²) + eps_n)·w.
+    The reference for the fused kernel of attnres_triton (which never writes h); returns out_dtype
+    (partial's dtype when None)."""
+    h = open_block_read(mix, lse, partial, query, read_gain, read_eps)
+    return rms_norm(h, norm_weight, norm_eps).to(out_dtype or partial.dtype)

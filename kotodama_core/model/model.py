@@ -407,7 +407,8 @@ class KotodamaLM(nn.Module):
         r = index[key]
         if opens_block:  # the block's first read sees only completed sources
             return ReadSpec("first", mix[r], query, norm, key)
-        return ReadSpec("merge", (mix[r], lse[r]), query, norm, key)
+        kernels = self.attn_res_kernels and attnres_triton.available(mix[r])
+        return ReadSpec("merge", (mix[r], lse[r]), query, norm, key, kernels)
 
     def compile_regions(self, **compile_kwargs) -> None:
         """torch.compile the repeated regions instead of the whole model: the layer step (one graph for
@@ -471,7 +472,7 @@ class KotodamaLM(nn.Module):
             if unet is not None and i in unet.encoders:
                 skips[i] = partial
         final = self._read_spec(block, done, ("final", -1), False, two_phase)
-        return self.norm(apply_read(final, partial, emb.dtype, rec))
+        return read_norm(final, partial, self.norm, 1.0, emb.dtype, rec)
 
 
 class ReadSpec(NamedTuple):
@@ -480,13 +481,15 @@ class ReadSpec(NamedTuple):
     per_read  one softmax over `inputs` (the completed sources) and the open block's sum, if any
     single    before the first block: one source, the open block's sum (its weight is exactly 1)
     first     a block's first read: `inputs` is its phase-1 mix of the completed sources
-    merge     `inputs` = (mix, lse) of phase 1, merged with the open block's sum (open_block_read)"""
+    merge     `inputs` = (mix, lse) of phase 1, merged with the open block's sum (open_block_read)
+    `kernels`: a merge read and the RMSNorm after it run as one Triton kernel (read_norm)."""
 
     mode: str
     inputs: Any = None
     query: Tensor | None = None
     norm: RMSNorm | None = None
     key: tuple[str, int] | None = None
+    kernels: bool = False
 
 
 def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype, rec: dict | None) -> Tensor:
@@ -508,10 +511,27 @@ def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype
     return out
 
 
-def _ffn(layer: Layer, h: Tensor, rec: dict | None, i: int) -> Tensor:
-    n = layer.ffn_norm(h)
-    if layer.norm_scale != 1.0:
-        n = n * layer.norm_scale
+def read_norm(spec: ReadSpec, partial: Tensor | None, norm: RMSNorm, scale: float, stream_dtype: torch.dtype,
+              rec: dict | None, index: int | None = None) -> Tensor:
+    """norm(read) · scale for the read `spec` (scale: the ln_scale factor, 1.0 without it). A merge read
+    with kernels runs as one fused kernel that returns the autocast dtype directly (the matmul after it
+    casts to it anyway); otherwise the read, then the norm. With `rec` and an `index`, the read (the
+    layer's hidden state) is recorded under rec["hidden"]."""
+    if spec.kernels and rec is None:
+        mix, lse = spec.inputs
+        device = partial.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else stream_dtype
+        weight = norm.weight * scale if scale != 1.0 else norm.weight
+        return attnres_triton.merged_read_norm_triton(mix, lse, partial, spec.query, spec.norm.weight,
+                                                      spec.norm.eps, weight, norm.eps, out_dtype)
+    h = apply_read(spec, partial, stream_dtype, rec)
+    if rec is not None and index is not None:
+        rec["hidden"][index] = h
+    return _scaled(norm(h), scale)
+
+
+def _ffn(layer: Layer, n: Tensor, rec: dict | None, i: int) -> Tensor:
+    """The MLP sublayer on its normed input n."""
     if rec is None:
         return layer.ffn(n)
     m, rec["mlp_act"][i] = layer.ffn(n, return_act=True)
@@ -524,20 +544,29 @@ def layer_step(layer: Layer, partial: Tensor | None, cos: Tensor, sin: Tensor, v
     """One layer: attention read, attention sublayer, MLP read, MLP sublayer; returns the new open-block
     sum (or residual stream). The unit KotodamaLM.compile_regions compiles once for every layer.
     With `rec` (trace), the layer's internals are recorded under `index`."""
-    h = apply_read(attn_read, partial, stream_dtype, rec)
-    n = layer.attn_norm(h)
-    if layer.norm_scale != 1.0:
-        n = n * layer.norm_scale
-    if rec is not None:
-        rec["hidden"][index] = h
-        a, rec["attn_probs"][index] = layer.attn(n, cos, sin, return_probs=True, v_extra=v_extra)
-    else:
-        a = layer.attn(n, cos, sin, v_extra=v_extra)
-    if layer.parallel:  # GPT-J: attention and MLP read the same input h
-        return partial + a + _ffn(layer, h, rec, index)
+    if layer.parallel:  # GPT-J: attention and MLP read the same input h (plain stream only)
+        h = apply_read(attn_read, partial, stream_dtype, rec)
+        if rec is not None:
+            rec["hidden"][index] = h
+        a = _attention(layer, _scaled(layer.attn_norm(h), layer.norm_scale), cos, sin, v_extra, rec, index)
+        return partial + a + _ffn(layer, _scaled(layer.ffn_norm(h), layer.norm_scale), rec, index)
+    n = read_norm(attn_read, partial, layer.attn_norm, layer.norm_scale, stream_dtype, rec, index)
+    a = _attention(layer, n, cos, sin, v_extra, rec, index)
     partial = a.to(stream_dtype) if partial is None else partial + a
-    h = apply_read(mlp_read, partial, stream_dtype, rec)
-    return partial + _ffn(layer, h, rec, index)
+    n = read_norm(mlp_read, partial, layer.ffn_norm, layer.norm_scale, stream_dtype, rec)
+    return partial + _ffn(layer, n, rec, index)
+
+
+def _scaled(n: Tensor, scale: float) -> Tensor:
+    return n * scale if scale != 1.0 else n
+
+
+def _attention(layer: Layer, n: Tensor, cos: Tensor, sin: Tensor, v_extra: Tensor | None, rec: dict | None,
+               index: int) -> Tensor:
+    if rec is None:
+        return layer.attn(n, cos, sin, v_extra=v_extra)
+    a, rec["attn_probs"][index] = layer.attn(n, cos, sin, return_probs=True, v_extra=v_extra)
+    return a
 
 
 class _Regions(NamedTuple):
