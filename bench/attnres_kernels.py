@@ -13,8 +13,11 @@ merge (one read of the open block through the layer's RMSNorm, bf16 out as under
     compiled   torch.compile(attnres.merged_read_norm)
     norm_only  torch.compile(rms_norm) of the open block's sum alone: what a plain residual stream pays
                for the same norm, so triton − norm_only is what the read adds.
-Times are CUDA-event medians of --repeats after --warmup; each variant's outputs and gradients are
-compared with eager (max |difference|). `bytes_min` is the traffic a one-pass implementation cannot avoid
+Times are CUDA-event medians of --repeats after --warmup (wall time of the calls, launches included),
+and `gpu_fwd_bwd_ms`, the summed kernel time of one forward+backward under torch.profiler (what the
+kernels cost inside a training step, where launches overlap with GPU work); each variant's outputs and
+gradients are compared with eager (max |difference|). The triton merge variant runs at each launch shape
+of --merge-shapes (forward rows×warps / backward rows×warps). `bytes_min` is the traffic a one-pass implementation cannot avoid
 (phase 1 forward: read S sources, write R mixes; backward adds reading them and the R mix gradients and
 writing S source gradients; merge forward: read mix and p, write y; backward: read mix, p and gy, write
 the mix and p gradients), so `gb_s` = bytes_min / time says how close a variant comes to bandwidth.
@@ -55,6 +58,20 @@ def time_ms(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def gpu_ms(fn, repeats: int) -> float:
+    """Summed CUDA kernel time per call of fn, from the profiler (launch gaps excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == cuda) / repeats / 1e3
+
+
 def measure(section: str, variants: dict, leaves: list, upstream: list, bytes_fwd: int, bytes_both: int,
             args, reference: str = "eager") -> None:
     """Print forward and forward+backward times and errors against `reference` for each variant."""
@@ -74,7 +91,9 @@ def measure(section: str, variants: dict, leaves: list, upstream: list, bytes_fw
         with torch.no_grad():
             fwd_ms = time_ms(fn, args.repeats, args.warmup)
         both_ms = time_ms(lambda: forward_backward(fn), args.repeats, args.warmup)
+        gpu_both = gpu_ms(lambda: forward_backward(fn), args.repeats)
         row = {"section": section, "variant": name, "forward_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(both_ms, 3),
+               "gpu_fwd_bwd_ms": round(gpu_both, 3),
                "forward_gb_s": round(bytes_fwd / fwd_ms / 1e6), "fwd_bwd_gb_s": round(bytes_both / both_ms / 1e6)}
         out = as_tuple(fn())
         if not name.endswith("_only"):  # *_only variants compute a different function: no comparison
@@ -116,12 +135,20 @@ def merge(args, g: torch.Generator) -> None:
     call = (mix, lse, partial, query, gain, EPS, weight, EPS, torch.bfloat16)
     compiled = torch.compile(merged_read_norm)
     compiled_norm = torch.compile(lambda x, w: rms_norm(x, w, EPS).to(torch.bfloat16))
-    variants = {
-        "triton": lambda: attnres_triton.merged_read_norm_triton(*call),
+    def shaped(forward: str, backward: str):
+        def run():
+            for target, spec in ((attnres_triton.MERGE_FORWARD, forward), (attnres_triton.MERGE_BACKWARD, backward)):
+                rows, warps = (int(x) for x in spec.split("x"))
+                target.update(rows=rows, warps=warps)
+            return attnres_triton.merged_read_norm_triton(*call)
+        return run
+
+    variants = {f"triton_{spec}": shaped(*spec.split("/")) for spec in args.merge_shapes.split(",")}
+    variants.update({
         "compiled": lambda: compiled(*call),
         "eager": lambda: merged_read_norm(*call),
         "norm_only": lambda: compiled_norm(partial, weight),
-    }
+    })
     f32, bf16 = 4, 2
     n = args.tokens * args.dim
     bytes_fwd = n * (2 * f32 + bf16)
@@ -138,6 +165,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="phase1,merge", help="comma list of sections: phase1, merge")
+    ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",
+                    help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps")
     args = ap.parse_args()
     if not torch.cuda.is_available() or attnres_triton.triton is None:
         raise SystemExit("needs CUDA and Triton")

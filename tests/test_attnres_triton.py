@@ -33,11 +33,13 @@ def _inputs(num_sources: int, reads: int, dim: int, seed: int):
     return done, queries, gains
 
 
-@pytest.mark.parametrize("num_sources, reads, dim", [(1, 3, 32), (3, 4, 48), (5, 7, 64)])
+@pytest.mark.parametrize("num_sources, reads, dim", [(1, 3, 32), (3, 4, 48), (5, 7, 64), (6, 18, 64), (8, 2, 32)])
 def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim):
     done, queries, gains = _inputs(num_sources, reads, dim, seed=num_sources)
     mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
-    mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
+    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
+    assert len(mixes) == len(lses) == reads
+    mix, lse = torch.stack(mixes), torch.stack(lses)
     torch.testing.assert_close(mix, mix_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
 
@@ -51,11 +53,11 @@ def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_mix_alone_or_lse_alone_get_gradients():
+def test_one_mix_alone_or_one_lse_alone_gets_gradients():
     done, queries, gains = _inputs(2, 3, 32, seed=5)
-    mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
+    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
     mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
-    for out, ref in ((mix, mix_ref), (lse, lse_ref)):
+    for out, ref in ((mixes[1], mix_ref[1]), (lses[2], lse_ref[2])):
         got = torch.autograd.grad(out.sum(), done[0], retain_graph=True)[0]
         want = torch.autograd.grad(ref.sum(), done[0], retain_graph=True)[0]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

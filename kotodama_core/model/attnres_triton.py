@@ -1,14 +1,18 @@
-"""Triton kernels for phase 1 of the two-phase AttnRes read (attnres.completed_sources_mix), CUDA only.
+"""Triton kernels for the two-phase AttnRes read (attnres.completed_sources_mix, attnres.merged_read_norm),
+CUDA only.
 
-Per token n, with the completed sources v_s (s < S, stacked as V (S, N, D)) and the R folded queries
-q̃_r = g_r∘q_r (R, D):
+Phase 1, per token n, with the completed sources v_s (s < S, separate (N, D) tensors) and the R folded
+queries q̃_r = g_r∘q_r (R, D):
     inv_s = rsqrt(mean(v_s²) + eps),   ℓ_rs = inv_s·⟨q̃_r, v_s⟩,   lse_r = logsumexp_s ℓ_rs,
     w_rs = exp(ℓ_rs − lse_r),          mix_r = Σ_s w_rs·v_s.
-One program holds one token's S source rows in registers, so each source is read once per block in
-forward and once in backward, and nothing of size R·S·D is ever written. Backward, with G_r = ∂L/∂mix_r
-and γ_r = ∂L/∂lse_r:
-    a_rs  = ⟨G_r, v_s⟩,   ∂ℓ_rs = w_rs·(a_rs − Σ_s' w_rs'·a_rs') + γ_r·w_rs
-    ∂v_s  = Σ_r w_rs·G_r + inv_s·Σ_r ∂ℓ_rs·q̃_r − (inv_s²/D)·(Σ_r ∂ℓ_rs·ℓ_rs)·v_s
+One program (one warp, so every reduction stays inside the warp) holds one token's S source rows in
+registers: each source is read once per block in forward, the R mixes are written once each, and the
+sources and mixes are passed as tuples of tensors, so nothing is stacked or unstacked. The logits ℓ are
+kept (S·R per token) for backward, which runs in two passes over the R reads, with G_r = ∂L/∂mix_r and
+γ_r = ∂L/∂lse_r:
+    pass 1 (sources in registers):  a_rs = ⟨G_r, v_s⟩,   ∂ℓ_rs = w_rs·(a_rs − Σ_s' w_rs'·a_rs') + γ_r·w_rs,
+                                    c_s = Σ_r ∂ℓ_rs·ℓ_rs
+    pass 2 (gradients in registers): ∂v_s = Σ_r w_rs·G_r + inv_s·Σ_r ∂ℓ_rs·q̃_r − (inv_s²/D)·c_s·v_s
     ∂q̃_r = Σ_n Σ_s (∂ℓ_rs·inv_s)·v_s      (the kernel writes the coefficients; S matmuls reduce over n)
 Phase 2 and the consuming layer's RMSNorm run as one kernel per read (attnres.merged_read_norm), with
 the folded query q̃ = g∘q, the norm weight w and, per token, the open block's sum p, the phase-1 mix m
@@ -36,8 +40,8 @@ try:
 except ImportError:  # the CPU-only install has no Triton; callers check `available()`
     triton = None
 
-# Sources per block that the kernels take (registers hold S_PAD × D floats twice in backward).
-MAX_SOURCES = 16
+# Sources per block that the kernels take: one warp holds S_PAD × D floats per token in registers.
+MAX_SOURCES = 8
 
 
 def available(tensor: Tensor) -> bool:
@@ -48,100 +52,151 @@ def available(tensor: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_token_sources(V, N, D, eps, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-        """This program's token row of every source: (token, s, d, masks, v (S_PAD, BLOCK_D), inv_s)."""
-        n = tl.program_id(0).to(tl.int64)  # offsets s·N·D pass 2³¹ at large batches
+    def _load_sources(SRC, n, D, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Token n's row of each source in the tuple SRC as one (S_PAD, BLOCK_D) fp32 tile."""
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, BLOCK_D)
+        v = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+        for k in tl.static_range(S):
+            row = tl.load(SRC[k] + n * D + d, mask=d < D, other=0.0).to(tl.float32)
+            v = tl.where(s[:, None] == k, row[None, :], v)
+        return v
+
+    @triton.jit
+    def _row_pointer(TABLE, r, n, D):
+        """Row n of the r-th (N, D) fp32 tensor whose address is TABLE[r] (a runtime index, so the read
+        loops stay loops: unrolled, the compiler keeps every read's addresses live and spills)."""
+        return tl.load(TABLE + r).to(tl.pointer_type(tl.float32)) + n * D
+
+    @triton.jit
+    def _mix_forward_kernel(SRC, GQ, MIX_TABLE, LOGITS, LSE, N, D, eps,
+                            S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)  # offsets n·D pass 2³¹ at large batches
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, BLOCK_D)
         s_ok = s < S
         d_ok = d < D
-        tile = s_ok[:, None] & d_ok[None, :]
-        v = tl.load(V + s[:, None] * N * D + n * D + d[None, :], mask=tile, other=0.0).to(tl.float32)
+        v = _load_sources(SRC, n, D, S, S_PAD, BLOCK_D)
         inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
-        return n, s, d, s_ok, d_ok, tile, v, inv
-
-    @triton.jit
-    def _mix_forward_kernel(V, GQ, MIX, LSE, N, D, eps,
-                            S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-        n, s, d, s_ok, d_ok, tile, v, inv = _load_token_sources(V, N, D, eps, S, S_PAD, BLOCK_D)
-        for r in tl.static_range(R):
+        for r in tl.range(0, R):
             q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
-            logit = tl.sum(v * q[None, :], axis=1) * inv
-            logit = tl.where(s_ok, logit, float("-inf"))
+            logit = tl.where(s_ok, tl.sum(v * q[None, :], axis=1) * inv, float("-inf"))
             top = tl.max(logit, axis=0)
             e = tl.exp(logit - top)
             total = tl.sum(e, axis=0)
-            w = e / total
-            mix = tl.sum(w[:, None] * v, axis=0)
-            tl.store(MIX + r * N * D + n * D + d, mix, mask=d_ok)
+            mix = tl.sum((e / total)[:, None] * v, axis=0)
+            tl.store(_row_pointer(MIX_TABLE, r, n, D) + d, mix, mask=d_ok)
+            tl.store(LOGITS + (s * R + r) * N + n, logit, mask=s_ok)
             tl.store(LSE + r * N + n, top + tl.log(total))
 
     @triton.jit
-    def _mix_backward_kernel(V, GQ, LSE, GRAD_MIX, GRAD_LSE, GRAD_V, COEF, N, D, eps,
+    def _mix_backward_kernel(SRC, GQ, LOGITS, LSE, GRAD_MIX_TABLE, GRAD_LSE, GRAD_SRC, COEF, N, D, eps,
                              S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-        n, s, d, s_ok, d_ok, tile, v, inv = _load_token_sources(V, N, D, eps, S, S_PAD, BLOCK_D)
-        grad_v = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+        n = tl.program_id(0).to(tl.int64)
+        s = tl.arange(0, S_PAD)
+        d = tl.arange(0, BLOCK_D)
+        s_ok = s < S
+        d_ok = d < D
+        v = _load_sources(SRC, n, D, S, S_PAD, BLOCK_D)
+        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        # Pass 1: the logit gradients of every read, written as coefficients ∂ℓ_rs·inv_s.
         norm_term = tl.zeros((S_PAD,), dtype=tl.float32)
-        for r in tl.static_range(R):
-            q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
-            logit = tl.sum(v * q[None, :], axis=1) * inv
+        for r in tl.range(0, R):
+            logit = tl.load(LOGITS + (s * R + r) * N + n, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
-            g = tl.load(GRAD_MIX + r * N * D + n * D + d, mask=d_ok, other=0.0).to(tl.float32)
+            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D) + d, mask=d_ok, other=0.0)
             a = tl.sum(v * g[None, :], axis=1)
             grad_logit = w * (a - tl.sum(w * a, axis=0)) + tl.load(GRAD_LSE + r * N + n) * w
-            grad_v += w[:, None] * g[None, :] + (grad_logit * inv)[:, None] * q[None, :]
+            tl.store(COEF + (s * R + r) * N + n, grad_logit * inv, mask=s_ok)
             norm_term += grad_logit * logit
-            tl.store(COEF + s * R * N + r * N + n, grad_logit * inv, mask=s_ok)
-        grad_v -= (inv * inv * norm_term / D)[:, None] * v
-        tl.store(GRAD_V + s[:, None] * N * D + n * D + d[None, :], grad_v, mask=tile)
+        # Pass 2: the source gradients, with the sources out of registers; what it reads again (the
+        # logits, the coefficients this program wrote, the mix gradients) comes from cache.
+        tl.debug_barrier()
+        grad_v = -(inv * inv * norm_term / D)[:, None] * v
+        for r in tl.range(0, R):
+            logit = tl.load(LOGITS + (s * R + r) * N + n, mask=s_ok, other=0.0)
+            w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
+            coef = tl.load(COEF + (s * R + r) * N + n, mask=s_ok, other=0.0)
+            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D) + d, mask=d_ok, other=0.0)
+            q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
+            grad_v += w[:, None] * g[None, :] + coef[:, None] * q[None, :]
+        for k in tl.static_range(S):
+            row = tl.sum(tl.where(s[:, None] == k, grad_v, 0.0), axis=0)
+            tl.store(GRAD_SRC[k] + n * D + d, row.to(GRAD_SRC[k].dtype.element_ty), mask=d_ok)
 
-    def _launch_meta(stacked: Tensor, folded_queries: Tensor) -> dict:
-        s, _, d = stacked.shape
-        return {"S": s, "R": folded_queries.shape[0], "S_PAD": max(2, triton.next_power_of_2(s)),
-                "BLOCK_D": triton.next_power_of_2(d), "num_warps": 8 if d >= 512 else 4}
+    def _pointer_table(tensors: list[Tensor]) -> Tensor:
+        """The tensors' addresses as an int64 tensor on their device (copied without a host sync)."""
+        table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+        if tensors[0].is_cuda:
+            table = table.pin_memory().to(tensors[0].device, non_blocking=True)
+        return table
 
-    # Custom operators (not a bare autograd.Function) so torch.compile sees the kernels as graph nodes
-    # with known outputs, and autograd gets the backward below.
+    def _mix_meta(num_sources: int, num_reads: int, dim: int) -> dict:
+        return {"S": num_sources, "R": num_reads, "S_PAD": max(2, triton.next_power_of_2(num_sources)),
+                "BLOCK_D": triton.next_power_of_2(dim), "num_warps": 1}
 
-    @torch.library.triton_op("kotodama::attnres_mix", mutates_args=())
-    def attnres_mix(stacked: Tensor, folded_queries: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        s, n, d = stacked.shape
+    # Opaque custom operators (their kernels take tuples of tensors, which the traced triton_op path
+    # does not), so torch.compile sees them as graph nodes with known outputs, and autograd gets the
+    # backward below.
+
+    @torch.library.custom_op("kotodama::attnres_block_mix", mutates_args=())
+    def attnres_block_mix(sources: list[Tensor], folded_queries: Tensor,
+                          eps: float) -> tuple[list[Tensor], Tensor, Tensor]:
+        n, d = sources[0].shape
         r = folded_queries.shape[0]
-        mix = torch.empty((r, n, d), dtype=torch.float32, device=stacked.device)
-        lse = torch.empty((r, n), dtype=torch.float32, device=stacked.device)
-        torch.library.wrap_triton(_mix_forward_kernel)[(n,)](
-            stacked, folded_queries, mix, lse, n, d, eps, **_launch_meta(stacked, folded_queries))
-        return mix, lse
+        mixes = [torch.empty((n, d), dtype=torch.float32, device=sources[0].device) for _ in range(r)]
+        logits = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
+        lse = torch.empty((r, n), dtype=torch.float32, device=sources[0].device)
+        _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), logits, lse, n, d, eps,
+                                  **_mix_meta(len(sources), r, d))
+        return mixes, lse, logits
 
-    @torch.library.triton_op("kotodama::attnres_mix_backward", mutates_args=())
-    def attnres_mix_backward(stacked: Tensor, folded_queries: Tensor, lse: Tensor, grad_mix: Tensor,
-                             grad_lse: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        s, n, d = stacked.shape
+    @attnres_block_mix.register_fake
+    def _(sources, folded_queries, eps):
+        n, d = sources[0].shape
         r = folded_queries.shape[0]
-        grad_v = torch.empty((s, n, d), dtype=torch.float32, device=stacked.device)
-        coef = torch.empty((s, r, n), dtype=torch.float32, device=stacked.device)
-        torch.library.wrap_triton(_mix_backward_kernel)[(n,)](
-            stacked, folded_queries, lse, grad_mix, grad_lse, grad_v, coef, n, d, eps,
-            **_launch_meta(stacked, folded_queries))
-        return grad_v, coef
+        return ([sources[0].new_empty((n, d), dtype=torch.float32) for _ in range(r)],
+                sources[0].new_empty((r, n), dtype=torch.float32),
+                sources[0].new_empty((len(sources), r, n), dtype=torch.float32))
+
+    @torch.library.custom_op("kotodama::attnres_block_mix_backward", mutates_args=())
+    def attnres_block_mix_backward(sources: list[Tensor], folded_queries: Tensor, logits: Tensor, lse: Tensor,
+                                   grad_mixes: list[Tensor], grad_lse: Tensor,
+                                   eps: float) -> tuple[list[Tensor], Tensor]:
+        n, d = sources[0].shape
+        r = folded_queries.shape[0]
+        grad_sources = [torch.empty_like(v) for v in sources]
+        coef = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
+        grad_mixes = [g.float().contiguous() for g in grad_mixes]
+        _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
+                                   tuple(grad_sources), coef, n, d, eps,
+                                   **_mix_meta(len(sources), r, d))
+        grad_q = coef[0] @ sources[0].float()
+        for k in range(1, len(sources)):
+            grad_q = grad_q + coef[k] @ sources[k].float()
+        return grad_sources, grad_q
+
+    @attnres_block_mix_backward.register_fake
+    def _(sources, folded_queries, logits, lse, grad_mixes, grad_lse, eps):
+        return [torch.empty_like(v) for v in sources], torch.empty_like(folded_queries)
 
     def _setup_context(ctx, inputs, output):
-        stacked, folded_queries, eps = inputs
-        ctx.save_for_backward(stacked, folded_queries, output[1])
+        sources, folded_queries, eps = inputs
+        _mixes, lse, logits = output
+        ctx.save_for_backward(folded_queries, lse, logits, *sources)
         ctx.eps = eps
+        ctx.mark_non_differentiable(logits)
 
-    def _backward(ctx, grad_mix, grad_lse):
-        stacked, folded_queries, lse = ctx.saved_tensors
-        grad_mix = lse.new_zeros(*lse.shape, stacked.shape[-1]) if grad_mix is None else grad_mix
-        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse
-        grad_v, coef = attnres_mix_backward(stacked, folded_queries, lse, grad_mix.contiguous(),
-                                            grad_lse.contiguous(), ctx.eps)
-        grad_q = coef[0] @ stacked[0]
-        for k in range(1, stacked.shape[0]):
-            grad_q = grad_q + coef[k] @ stacked[k]
-        return grad_v, grad_q, None
+    def _backward(ctx, grad_mixes, grad_lse, _grad_logits):
+        folded_queries, lse, logits, *sources = ctx.saved_tensors
+        n, d = sources[0].shape
+        grad_mixes = [lse.new_zeros((n, d)) if g is None else g.contiguous() for g in grad_mixes]
+        grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
+        grad_sources, grad_q = attnres_block_mix_backward(list(sources), folded_queries, logits, lse,
+                                                          grad_mixes, grad_lse, ctx.eps)
+        return grad_sources, grad_q, None
 
-    attnres_mix.register_autograd(_backward, setup_context=_setup_context)
+    attnres_block_mix.register_autograd(_backward, setup_context=_setup_context)
 
     @triton.jit
     def _merge_norm_forward_kernel(MIX, P, LSE, GQ, WN, Y, SIG, INV_P, RSTD, N, D, read_eps, norm_eps,
@@ -177,7 +232,7 @@ if triton is not None:
         wn = tl.load(WN + cols, mask=col_ok, other=0.0)
         acc_wn = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         acc_gq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for i in range(0, TILES_PER_PROGRAM):
+        for i in tl.range(0, TILES_PER_PROGRAM, loop_unroll_factor=1):
             rows = (pid * TILES_PER_PROGRAM + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             tile = row_ok[:, None] & col_ok[None, :]
@@ -204,13 +259,15 @@ if triton is not None:
         tl.store(PART_WN + pid * D + cols, tl.sum(acc_wn, axis=0), mask=col_ok)
         tl.store(PART_GQ + pid * D + cols, tl.sum(acc_gq, axis=0), mask=col_ok)
 
-    # Rows per program: a (ROWS, next_pow2(D)) fp32 tile of each operand in registers.
-    _MERGE_ROWS = 8
-    # Programs of the backward kernel at most: each writes one partial row of each token sum.
-    _MERGE_BACKWARD_PROGRAMS = 512
+    # Launch shapes of the merge kernels: rows per program and warps per program. One warp per row keeps
+    # every reduction inside the warp (no shared-memory round trips); the backward kernel's programs
+    # loop over rows, each writing one partial row of the two token sums (at most MERGE_PROGRAMS rows).
+    MERGE_FORWARD = {"rows": 1, "warps": 1}
+    MERGE_BACKWARD = {"rows": 1, "warps": 1}
+    MERGE_PROGRAMS = 2048
 
-    def _merge_meta(d: int) -> dict:
-        return {"BLOCK_M": _MERGE_ROWS, "BLOCK_D": triton.next_power_of_2(d), "num_warps": 8 if d >= 512 else 4}
+    def _merge_meta(shape: dict, d: int) -> dict:
+        return {"BLOCK_M": shape["rows"], "BLOCK_D": triton.next_power_of_2(d), "num_warps": shape["warps"]}
 
     @torch.library.triton_op("kotodama::attnres_merge_norm", mutates_args=())
     def attnres_merge_norm(mix: Tensor, lse: Tensor, partial: Tensor, folded_query: Tensor, norm_weight: Tensor,
@@ -219,9 +276,9 @@ if triton is not None:
         n, d = partial.shape
         y = torch.empty((n, d), dtype=out_dtype, device=partial.device)
         sig, inv_p, rstd = (torch.empty((n,), dtype=torch.float32, device=partial.device) for _ in range(3))
-        torch.library.wrap_triton(_merge_norm_forward_kernel)[(triton.cdiv(n, _MERGE_ROWS),)](
+        torch.library.wrap_triton(_merge_norm_forward_kernel)[(triton.cdiv(n, MERGE_FORWARD["rows"]),)](
             mix, partial, lse, folded_query, norm_weight, y, sig, inv_p, rstd, n, d, read_eps, norm_eps,
-            **_merge_meta(d))
+            **_merge_meta(MERGE_FORWARD, d))
         return y, sig, inv_p, rstd
 
     @torch.library.triton_op("kotodama::attnres_merge_norm_backward", mutates_args=())
@@ -229,8 +286,8 @@ if triton is not None:
                                     grad_y: Tensor, sig: Tensor, inv_p: Tensor,
                                     rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         n, d = partial.shape
-        tiles = triton.cdiv(n, _MERGE_ROWS)
-        tiles_per_program = triton.cdiv(tiles, _MERGE_BACKWARD_PROGRAMS)
+        tiles = triton.cdiv(n, MERGE_BACKWARD["rows"])
+        tiles_per_program = triton.cdiv(tiles, MERGE_PROGRAMS)
         programs = triton.cdiv(tiles, tiles_per_program)
         grad_mix = torch.empty_like(mix)
         grad_p = torch.empty_like(partial)
@@ -239,7 +296,7 @@ if triton is not None:
         part_gq = torch.empty((programs, d), dtype=torch.float32, device=partial.device)
         torch.library.wrap_triton(_merge_norm_backward_kernel)[(programs,)](
             mix, partial, folded_query, norm_weight, grad_y, sig, inv_p, rstd, grad_mix, grad_p, grad_lse,
-            part_wn, part_gq, n, d, tiles_per_program, **_merge_meta(d))
+            part_wn, part_gq, n, d, tiles_per_program, **_merge_meta(MERGE_BACKWARD, d))
         return grad_mix, grad_p, grad_lse, part_gq.sum(0), part_wn.sum(0)
 
     def _merge_setup_context(ctx, inputs, output):
@@ -258,16 +315,16 @@ if triton is not None:
 
 
 def completed_sources_mix_triton(done: list[Tensor], queries: Tensor, norm_weights: Tensor,
-                                 eps: float) -> tuple[Tensor, Tensor]:
-    """attnres.completed_sources_mix (same arguments and results) with the Triton kernels: sources
-    (B, T, D) each, queries and norm gains (R, D); mix (R, B, T, D) and lse (R, B, T), float32."""
+                                 eps: float) -> tuple[list[Tensor], list[Tensor]]:
+    """attnres.completed_sources_mix with the Triton kernels: sources (B, T, D) each, queries and norm
+    gains (R, D). Returns the R mixes (B, T, D) and the R lse (B, T) as lists, float32."""
     if len(done) > MAX_SOURCES:
         raise ValueError(f"the Triton AttnRes kernels take at most {MAX_SOURCES} sources, got {len(done)}")
     shape = done[0].shape
-    stacked = torch.stack([v.reshape(-1, shape[-1]) for v in done]).float()
+    sources = [v.reshape(-1, shape[-1]).contiguous() for v in done]
     folded = (norm_weights.float() * queries.float()).contiguous()
-    mix, lse = attnres_mix(stacked, folded, float(eps))
-    return mix.view(-1, *shape), lse.view(-1, *shape[:-1])
+    mixes, lse, _logits = attnres_block_mix(sources, folded, float(eps))
+    return [m.view(shape) for m in mixes], list(lse.view(-1, *shape[:-1]).unbind(0))
 
 
 def merged_read_norm_triton(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, read_gain: Tensor,

@@ -389,9 +389,12 @@ class KotodamaLM(nn.Module):
         kernels = self.attn_res_kernels and attnres_triton.available(done[0])
         phase_one = attnres_triton.completed_sources_mix_triton if kernels else self._regions.phase_one
         mix, lse = phase_one(done, queries, gains, eps)
-        # One tensor per read: slicing the stacked result per read would make each read's gradient a
-        # full-size zero-padded copy in backward (R of them per block); unbind's backward is one stack.
-        return mix.unbind(0), lse.unbind(0), {k: r for r, k in enumerate(keys)}
+        if isinstance(mix, Tensor):
+            # The PyTorch formulation stacks the reads. One tensor per read: slicing the stack per read
+            # would make each read's gradient a full-size zero-padded copy in backward (R of them per
+            # block); unbind's backward is one stack. The kernels return one tensor per read already.
+            mix, lse = mix.unbind(0), lse.unbind(0)
+        return mix, lse, {k: r for r, k in enumerate(keys)}
 
     def _read_spec(self, block, done: list[Tensor], key: tuple[str, int], opens_block: bool,
                    two_phase: bool) -> ReadSpec:
