@@ -192,8 +192,10 @@ def profile_step(args) -> dict:
         key = kernel_family(e.key)
         families[key] = families.get(key, 0.0) + e.self_device_time_total / 3 / 1e3
     total_us = sum(e.self_device_time_total for e in kernels) / 3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:args.profile_top]
     return {"name": "profile", "cuda_ms_per_step": round(total_us / 1e3, 1),
             "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "top_kernels_ms": {e.key[:70]: round(e.self_device_time_total / 3 / 1e3, 2) for e in top},
             "table": args.profile_out}
 
 
@@ -216,6 +218,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=3, help="timed windows per measurement")
     ap.add_argument("--warmup-windows", type=int, default=1)
     ap.add_argument("--profile-out", default="profile.txt")
+    ap.add_argument("--profile-top", type=int, default=25, help="kernels listed in the profile summary")
     ap.add_argument("--ref-timeout", type=int, default=300)
     ap.add_argument("--preset", default="proxy-108m")
     ap.add_argument("--device", default="cuda")
