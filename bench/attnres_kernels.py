@@ -109,13 +109,17 @@ def phase_one(args, g: torch.Generator) -> None:
     done = [torch.randn(shape, device="cuda", generator=g).requires_grad_() for _ in range(args.sources)]
     queries = (0.3 * torch.randn(args.reads, args.dim, device="cuda", generator=g)).requires_grad_()
     gains = (1 + 0.1 * torch.randn(args.reads, args.dim, device="cuda", generator=g)).requires_grad_()
-    upstream = [torch.randn(args.reads, *shape, device="cuda", generator=g),
-                torch.randn(args.reads, *shape[:-1], device="cuda", generator=g)]
+    upstream = [*torch.randn(args.reads, *shape, device="cuda", generator=g).unbind(0),
+                *torch.randn(args.reads, *shape[:-1], device="cuda", generator=g).unbind(0)]
     compiled = torch.compile(completed_sources_mix)
+
+    def per_read(mix, lse):  # one tensor per read, as the model uses them (the kernels return lists)
+        return (*mix, *lse)
+
     variants = {
-        "triton": lambda: attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS),
-        "compiled": lambda: compiled(done, queries, gains, EPS),
-        "eager": lambda: completed_sources_mix(done, queries, gains, EPS),
+        "triton": lambda: per_read(*attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)),
+        "compiled": lambda: per_read(*compiled(done, queries, gains, EPS)),
+        "eager": lambda: per_read(*completed_sources_mix(done, queries, gains, EPS)),
     }
     source_bytes = args.tokens * args.dim * 4
     bytes_fwd = (args.sources + args.reads) * source_bytes

@@ -53,6 +53,22 @@ def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
+def test_triton_mix_stored_in_bf16_matches_pytorch_within_bf16_rounding():
+    done, queries, gains = _inputs(4, 6, 64, seed=11)
+    mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
+    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS, torch.bfloat16)
+    assert all(m.dtype == torch.bfloat16 for m in mixes) and all(x.dtype == torch.float32 for x in lses)
+    torch.testing.assert_close(torch.stack(mixes).float(), mix_ref, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(torch.stack(lses), lse_ref, rtol=1e-5, atol=1e-5)
+    g = torch.Generator().manual_seed(7)
+    up_mix = torch.randn(mix_ref.shape, generator=g).to(DEVICE)
+    params = [*done, queries, gains]
+    want = torch.autograd.grad((mix_ref * up_mix).sum(), params)
+    got = torch.autograd.grad((torch.stack(mixes).float() * up_mix).sum(), params)
+    for w, h in zip(want, got):
+        assert (h - w).norm() <= 1e-2 * w.norm()
+
+
 def test_one_mix_alone_or_one_lse_alone_gets_gradients():
     done, queries, gains = _inputs(2, 3, 32, seed=5)
     mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
@@ -85,6 +101,39 @@ def test_fused_merge_read_norm_matches_pytorch_forward_and_backward(batch, seq, 
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sum_used_later", [True, False])
+def test_fused_residual_add_and_merge_read_match_pytorch(delta_dtype, sum_used_later):
+    """The read of partial + delta with the add in the kernel: the sum and y as PyTorch makes them, and
+    gradients for partial and delta (the sum's own gradient, when it is used later, included)."""
+    g = torch.Generator().manual_seed(17)
+    dim = 48
+    tensors = [torch.randn(2, 11, dim, generator=g), torch.randn(2, 11, generator=g),
+               2 * torch.randn(2, 11, dim, generator=g), torch.randn(2, 11, dim, generator=g).to(delta_dtype),
+               torch.randn(dim, generator=g), torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5]
+    leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
+    mix, lse, partial, delta, query, read_gain, norm_weight = leaves
+    upstream = [torch.randn(2, 11, dim, generator=g).to(DEVICE) for _ in range(2)]
+
+    def loss(total, y):
+        return (y * upstream[0]).sum() + ((total * upstream[1]).sum() if sum_used_later else 0)
+
+    total_ref = partial + delta
+    y_ref = merged_read_norm(mix, lse, total_ref, query, read_gain, 1e-5, norm_weight, 1e-6)
+    total, y = attnres_triton.merged_read_norm_triton(mix, lse, partial, query, read_gain, 1e-5, norm_weight, 1e-6,
+                                                      delta=delta)
+    assert total.dtype == total_ref.dtype
+    torch.testing.assert_close(total, total_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    want = torch.autograd.grad(loss(total_ref, y_ref), leaves)
+    got = torch.autograd.grad(loss(total, y), leaves)
+    names = ("mix", "lse", "partial", "delta", "query", "read_gain", "norm_weight")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == b.dtype, name
+        tol = 1e-4 if b.dtype == torch.float32 else 1e-2  # bf16 gradients: a rounding step apart at most
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
 def test_fused_merge_read_norm_writes_the_requested_dtype():
     g = torch.Generator().manual_seed(3)
     mix, partial = (torch.randn(2, 9, 32, generator=g).to(DEVICE) for _ in range(2))
@@ -96,8 +145,7 @@ def test_fused_merge_read_norm_writes_the_requested_dtype():
     torch.testing.assert_close(got, merged_read_norm(*args).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
-def test_model_with_kernels_matches_model_without(monkeypatch):
-    """The fused reads wired into the model: same loss and gradients as the PyTorch reads (fp32)."""
+def _small_model_grads(kernels: bool, autocast: bool, monkeypatch) -> tuple[torch.Tensor, dict]:
     from kotodama_core.model import KotodamaConfig, KotodamaLM
 
     monkeypatch.setattr(attnres_triton, "available", lambda tensor: True)
@@ -105,22 +153,41 @@ def test_model_with_kernels_matches_model_without(monkeypatch):
                          intermediate_size=48, vocab_size=64, max_position_embeddings=32, rope_theta=10000.0,
                          attn_res=True, attn_res_boundaries=[0, 2, 3])
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    results = {}
-    for kernels in (False, True):
-        torch.manual_seed(1)
-        model = KotodamaLM(cfg, device=DEVICE, attn_res_kernels=kernels)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("res_query"):
-                    p.normal_(0.0, 0.5)
-                elif name.endswith("norm.weight"):
-                    p.uniform_(0.5, 1.5)
+    torch.manual_seed(1)
+    model = KotodamaLM(cfg, device=DEVICE, attn_res_kernels=kernels)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("res_query"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
         loss, _ = model(ids[:, :-1], ids[:, 1:])
-        loss.backward()
-        results[kernels] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()})
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-5)
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_model_with_kernels_matches_model_without(monkeypatch):
+    """The fused reads wired into the model (every read mode, the residual adds folded into the reads):
+    the loss and gradients of the PyTorch reads, in fp32."""
+    loss, grads = _small_model_grads(True, False, monkeypatch)
+    ref_loss, ref_grads = _small_model_grads(False, False, monkeypatch)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(monkeypatch):
+    """Under bf16 autocast both paths round differently; the kernels' gradients must stay about as close to
+    the fp32 gradients as the PyTorch bf16 path's are (a few times its error at most, for every tensor)."""
+    _, exact = _small_model_grads(False, False, monkeypatch)
+    _, torch_bf16 = _small_model_grads(False, True, monkeypatch)
+    _, kernels_bf16 = _small_model_grads(True, True, monkeypatch)
+    for name, grad in exact.items():
+        scale = grad.norm() + 1e-12
+        torch_err = ((torch_bf16[name] - grad).norm() / scale).item()
+        kernel_err = ((kernels_bf16[name] - grad).norm() / scale).item()
+        assert kernel_err <= 4 * torch_err + 1e-3, (name, kernel_err, torch_err)
 
 
 @pytest.mark.gpu

@@ -63,14 +63,16 @@ if triton is not None:
         return v
 
     @triton.jit
-    def _row_pointer(TABLE, r, n, D):
-        """Row n of the r-th (N, D) fp32 tensor whose address is TABLE[r] (a runtime index, so the read
-        loops stay loops: unrolled, the compiler keeps every read's addresses live and spills)."""
-        return tl.load(TABLE + r).to(tl.pointer_type(tl.float32)) + n * D
+    def _row_pointer(TABLE, r, n, D, BF16: tl.constexpr):
+        """Row n of the r-th (N, D) tensor (bf16 or fp32) whose address is TABLE[r] (a runtime index, so
+        the read loops stay loops: unrolled, the compiler keeps every read's addresses live and spills)."""
+        element = tl.bfloat16 if BF16 else tl.float32
+        return tl.load(TABLE + r).to(tl.pointer_type(element)) + n * D
 
     @triton.jit
     def _mix_forward_kernel(SRC, GQ, MIX_TABLE, LOGITS, LSE, N, D, eps,
-                            S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                            S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                            MIX_BF16: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)  # offsets n·D pass 2³¹ at large batches
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, BLOCK_D)
@@ -85,13 +87,15 @@ if triton is not None:
             e = tl.exp(logit - top)
             total = tl.sum(e, axis=0)
             mix = tl.sum((e / total)[:, None] * v, axis=0)
-            tl.store(_row_pointer(MIX_TABLE, r, n, D) + d, mix, mask=d_ok)
+            row = _row_pointer(MIX_TABLE, r, n, D, MIX_BF16)
+            tl.store(row + d, mix.to(row.dtype.element_ty), mask=d_ok)
             tl.store(LOGITS + (s * R + r) * N + n, logit, mask=s_ok)
             tl.store(LSE + r * N + n, top + tl.log(total))
 
     @triton.jit
     def _mix_backward_kernel(SRC, GQ, LOGITS, LSE, GRAD_MIX_TABLE, GRAD_LSE, GRAD_SRC, COEF, N, D, eps,
-                             S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+                             S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                             MIX_BF16: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, BLOCK_D)
@@ -104,7 +108,7 @@ if triton is not None:
         for r in tl.range(0, R):
             logit = tl.load(LOGITS + (s * R + r) * N + n, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
-            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D) + d, mask=d_ok, other=0.0)
+            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
             a = tl.sum(v * g[None, :], axis=1)
             grad_logit = w * (a - tl.sum(w * a, axis=0)) + tl.load(GRAD_LSE + r * N + n) * w
             tl.store(COEF + (s * R + r) * N + n, grad_logit * inv, mask=s_ok)
@@ -117,7 +121,7 @@ if triton is not None:
             logit = tl.load(LOGITS + (s * R + r) * N + n, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
             coef = tl.load(COEF + (s * R + r) * N + n, mask=s_ok, other=0.0)
-            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D) + d, mask=d_ok, other=0.0)
+            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
             q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
             grad_v += w[:, None] * g[None, :] + coef[:, None] * q[None, :]
         for k in tl.static_range(S):
@@ -131,31 +135,33 @@ if triton is not None:
             table = table.pin_memory().to(tensors[0].device, non_blocking=True)
         return table
 
-    def _mix_meta(num_sources: int, num_reads: int, dim: int) -> dict:
+    def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype) -> dict:
+        if mix_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the AttnRes mixes are stored in float32 or bfloat16, not {mix_dtype}")
         return {"S": num_sources, "R": num_reads, "S_PAD": max(2, triton.next_power_of_2(num_sources)),
-                "BLOCK_D": triton.next_power_of_2(dim), "num_warps": 1}
+                "BLOCK_D": triton.next_power_of_2(dim), "MIX_BF16": mix_dtype == torch.bfloat16, "num_warps": 1}
 
     # Opaque custom operators (their kernels take tuples of tensors, which the traced triton_op path
     # does not), so torch.compile sees them as graph nodes with known outputs, and autograd gets the
     # backward below.
 
     @torch.library.custom_op("kotodama::attnres_block_mix", mutates_args=())
-    def attnres_block_mix(sources: list[Tensor], folded_queries: Tensor,
-                          eps: float) -> tuple[list[Tensor], Tensor, Tensor]:
+    def attnres_block_mix(sources: list[Tensor], folded_queries: Tensor, eps: float,
+                          mix_dtype: torch.dtype) -> tuple[list[Tensor], Tensor, Tensor]:
         n, d = sources[0].shape
         r = folded_queries.shape[0]
-        mixes = [torch.empty((n, d), dtype=torch.float32, device=sources[0].device) for _ in range(r)]
+        mixes = [torch.empty((n, d), dtype=mix_dtype, device=sources[0].device) for _ in range(r)]
         logits = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
         lse = torch.empty((r, n), dtype=torch.float32, device=sources[0].device)
         _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), logits, lse, n, d, eps,
-                                  **_mix_meta(len(sources), r, d))
+                                  **_mix_meta(len(sources), r, d, mix_dtype))
         return mixes, lse, logits
 
     @attnres_block_mix.register_fake
-    def _(sources, folded_queries, eps):
+    def _(sources, folded_queries, eps, mix_dtype):
         n, d = sources[0].shape
         r = folded_queries.shape[0]
-        return ([sources[0].new_empty((n, d), dtype=torch.float32) for _ in range(r)],
+        return ([sources[0].new_empty((n, d), dtype=mix_dtype) for _ in range(r)],
                 sources[0].new_empty((r, n), dtype=torch.float32),
                 sources[0].new_empty((len(sources), r, n), dtype=torch.float32))
 
@@ -167,10 +173,11 @@ if triton is not None:
         r = folded_queries.shape[0]
         grad_sources = [torch.empty_like(v) for v in sources]
         coef = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
-        grad_mixes = [g.float().contiguous() for g in grad_mixes]
+        mix_dtype = grad_mixes[0].dtype
+        grad_mixes = [g.to(mix_dtype).contiguous() for g in grad_mixes]
         _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
                                    tuple(grad_sources), coef, n, d, eps,
-                                   **_mix_meta(len(sources), r, d))
+                                   **_mix_meta(len(sources), r, d, mix_dtype))
         grad_q = coef[0] @ sources[0].float()
         for k in range(1, len(sources)):
             grad_q = grad_q + coef[k] @ sources[k].float()
@@ -181,26 +188,28 @@ if triton is not None:
         return [torch.empty_like(v) for v in sources], torch.empty_like(folded_queries)
 
     def _setup_context(ctx, inputs, output):
-        sources, folded_queries, eps = inputs
+        sources, folded_queries, eps, mix_dtype = inputs
         _mixes, lse, logits = output
         ctx.save_for_backward(folded_queries, lse, logits, *sources)
         ctx.eps = eps
+        ctx.mix_dtype = mix_dtype
         ctx.mark_non_differentiable(logits)
 
     def _backward(ctx, grad_mixes, grad_lse, _grad_logits):
         folded_queries, lse, logits, *sources = ctx.saved_tensors
         n, d = sources[0].shape
-        grad_mixes = [lse.new_zeros((n, d)) if g is None else g.contiguous() for g in grad_mixes]
+        grad_mixes = [lse.new_zeros((n, d), dtype=ctx.mix_dtype) if g is None else g for g in grad_mixes]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
         grad_sources, grad_q = attnres_block_mix_backward(list(sources), folded_queries, logits, lse,
                                                           grad_mixes, grad_lse, ctx.eps)
-        return grad_sources, grad_q, None
+        return grad_sources, grad_q, None, None
 
     attnres_block_mix.register_autograd(_backward, setup_context=_setup_context)
 
     @triton.jit
-    def _merge_norm_forward_kernel(MIX, P, LSE, GQ, WN, Y, SIG, INV_P, RSTD, N, D, read_eps, norm_eps,
-                                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _merge_norm_forward_kernel(MIX, BASE, DELTA, LSE, GQ, WN, Y, P_OUT, SIG, INV_P, RSTD, N, D, read_eps,
+                                   norm_eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   HAS_DELTA: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < N
@@ -208,7 +217,10 @@ if triton is not None:
         tile = row_ok[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
         mix = tl.load(MIX + offs, mask=tile, other=0.0).to(tl.float32)
-        p = tl.load(P + offs, mask=tile, other=0.0).to(tl.float32)
+        p = tl.load(BASE + offs, mask=tile, other=0.0).to(tl.float32)
+        if HAS_DELTA:  # the residual add before the read: p = base + delta, written once here
+            p += tl.load(DELTA + offs, mask=tile, other=0.0).to(tl.float32)
+            tl.store(P_OUT + offs, p.to(P_OUT.dtype.element_ty), mask=tile)
         gq = tl.load(GQ + cols, mask=col_ok, other=0.0)
         wn = tl.load(WN + cols, mask=col_ok, other=0.0)
         inv_p = 1.0 / tl.sqrt(tl.sum(p * p, axis=1) / D + read_eps)
@@ -222,9 +234,10 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def _merge_norm_backward_kernel(MIX, P, GQ, WN, GY, SIG, INV_P, RSTD, GRAD_MIX, GRAD_P, GRAD_LSE,
-                                    PART_WN, PART_GQ, N, D, TILES_PER_PROGRAM: tl.constexpr,
-                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _merge_norm_backward_kernel(MIX, P, GQ, WN, GY, GP_IN, SIG, INV_P, RSTD, GRAD_MIX, GRAD_P, GRAD_DELTA,
+                                    GRAD_LSE, PART_WN, PART_GQ, N, D, TILES_PER_PROGRAM: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
+                                    HAS_GRAD_P: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -253,7 +266,11 @@ if triton is not None:
             logit = tl.sum(p * gq[None, :], axis=1) * inv_p
             coef = g_logit * inv_p
             g_p = sig[:, None] * g_h + coef[:, None] * gq[None, :] - (coef * logit * inv_p / D)[:, None] * p
+            if HAS_GRAD_P:  # p's gradient from its other consumers, summed here instead of by autograd
+                g_p += tl.load(GP_IN + offs, mask=tile, other=0.0).to(tl.float32)
             tl.store(GRAD_P + offs, g_p.to(GRAD_P.dtype.element_ty), mask=tile)
+            if HAS_DELTA:  # p = base + delta: both get p's gradient, delta's in its own dtype
+                tl.store(GRAD_DELTA + offs, g_p.to(GRAD_DELTA.dtype.element_ty), mask=tile)
             tl.store(GRAD_LSE + rows, -g_logit, mask=row_ok)
             acc_gq += coef[:, None] * p
         tl.store(PART_WN + pid * D + cols, tl.sum(acc_wn, axis=0), mask=col_ok)
@@ -269,73 +286,96 @@ if triton is not None:
     def _merge_meta(shape: dict, d: int) -> dict:
         return {"BLOCK_M": shape["rows"], "BLOCK_D": triton.next_power_of_2(d), "num_warps": shape["warps"]}
 
+    # Kernel arguments a launch does not use (its HAS_* switch is off) point at one of its own outputs;
+    # the kernel never touches them.
+
     @torch.library.triton_op("kotodama::attnres_merge_norm", mutates_args=())
-    def attnres_merge_norm(mix: Tensor, lse: Tensor, partial: Tensor, folded_query: Tensor, norm_weight: Tensor,
-                           read_eps: float, norm_eps: float,
-                           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        n, d = partial.shape
-        y = torch.empty((n, d), dtype=out_dtype, device=partial.device)
-        sig, inv_p, rstd = (torch.empty((n,), dtype=torch.float32, device=partial.device) for _ in range(3))
+    def attnres_merge_norm(mix: Tensor, lse: Tensor, base: Tensor, delta: Tensor | None, folded_query: Tensor,
+                           norm_weight: Tensor, read_eps: float, norm_eps: float,
+                           out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(y, p, σ, inv_p, r); p = base + delta when delta is given, else an empty tensor."""
+        n, d = base.shape
+        y = torch.empty((n, d), dtype=out_dtype, device=base.device)
+        sig, inv_p, rstd = (torch.empty((n,), dtype=torch.float32, device=base.device) for _ in range(3))
+        p_out = torch.empty((n, d) if delta is not None else (0,), dtype=base.dtype, device=base.device)
         torch.library.wrap_triton(_merge_norm_forward_kernel)[(triton.cdiv(n, MERGE_FORWARD["rows"]),)](
-            mix, partial, lse, folded_query, norm_weight, y, sig, inv_p, rstd, n, d, read_eps, norm_eps,
-            **_merge_meta(MERGE_FORWARD, d))
-        return y, sig, inv_p, rstd
+            mix, base, sig if delta is None else delta, lse, folded_query, norm_weight, y,
+            sig if delta is None else p_out, sig, inv_p, rstd, n, d, read_eps, norm_eps,
+            HAS_DELTA=delta is not None, **_merge_meta(MERGE_FORWARD, d))
+        return y, p_out, sig, inv_p, rstd
 
     @torch.library.triton_op("kotodama::attnres_merge_norm_backward", mutates_args=())
-    def attnres_merge_norm_backward(mix: Tensor, partial: Tensor, folded_query: Tensor, norm_weight: Tensor,
-                                    grad_y: Tensor, sig: Tensor, inv_p: Tensor,
-                                    rstd: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        n, d = partial.shape
+    def attnres_merge_norm_backward(mix: Tensor, p: Tensor, folded_query: Tensor, norm_weight: Tensor,
+                                    grad_y: Tensor, grad_p_in: Tensor | None, sig: Tensor, inv_p: Tensor,
+                                    rstd: Tensor, has_delta: bool,
+                                    delta_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(∂mix, ∂p, ∂delta, ∂lse, ∂q̃, ∂w); ∂p includes grad_p_in; ∂delta is empty without a delta."""
+        n, d = p.shape
         tiles = triton.cdiv(n, MERGE_BACKWARD["rows"])
         tiles_per_program = triton.cdiv(tiles, MERGE_PROGRAMS)
         programs = triton.cdiv(tiles, tiles_per_program)
         grad_mix = torch.empty_like(mix)
-        grad_p = torch.empty_like(partial)
-        grad_lse = torch.empty((n,), dtype=torch.float32, device=partial.device)
-        part_wn = torch.empty((programs, d), dtype=torch.float32, device=partial.device)
-        part_gq = torch.empty((programs, d), dtype=torch.float32, device=partial.device)
+        grad_p = torch.empty_like(p)
+        grad_delta = torch.empty((n, d) if has_delta else (0,), dtype=delta_dtype, device=p.device)
+        grad_lse = torch.empty((n,), dtype=torch.float32, device=p.device)
+        part_wn = torch.empty((programs, d), dtype=torch.float32, device=p.device)
+        part_gq = torch.empty((programs, d), dtype=torch.float32, device=p.device)
         torch.library.wrap_triton(_merge_norm_backward_kernel)[(programs,)](
-            mix, partial, folded_query, norm_weight, grad_y, sig, inv_p, rstd, grad_mix, grad_p, grad_lse,
-            part_wn, part_gq, n, d, tiles_per_program, **_merge_meta(MERGE_BACKWARD, d))
-        return grad_mix, grad_p, grad_lse, part_gq.sum(0), part_wn.sum(0)
+            mix, p, folded_query, norm_weight, grad_y, grad_lse if grad_p_in is None else grad_p_in, sig, inv_p,
+            rstd, grad_mix, grad_p, grad_delta if has_delta else grad_lse, grad_lse, part_wn, part_gq, n, d,
+            tiles_per_program, HAS_DELTA=has_delta, HAS_GRAD_P=grad_p_in is not None,
+            **_merge_meta(MERGE_BACKWARD, d))
+        return grad_mix, grad_p, grad_delta, grad_lse, part_gq.sum(0), part_wn.sum(0)
 
     def _merge_setup_context(ctx, inputs, output):
-        mix, _lse, partial, folded_query, norm_weight, _read_eps, _norm_eps, _out_dtype = inputs
-        _y, sig, inv_p, rstd = output
-        ctx.save_for_backward(mix, partial, folded_query, norm_weight, sig, inv_p, rstd)
+        mix, _lse, base, delta, folded_query, norm_weight, _read_eps, _norm_eps, _out_dtype = inputs
+        _y, p_out, sig, inv_p, rstd = output
+        ctx.save_for_backward(mix, base if delta is None else p_out, folded_query, norm_weight, sig, inv_p, rstd)
+        ctx.delta_dtype = None if delta is None else delta.dtype
         ctx.mark_non_differentiable(sig, inv_p, rstd)
 
-    def _merge_backward(ctx, grad_y, *_stats):
-        mix, partial, folded_query, norm_weight, sig, inv_p, rstd = ctx.saved_tensors
-        grad_mix, grad_p, grad_lse, grad_q, grad_wn = attnres_merge_norm_backward(
-            mix, partial, folded_query, norm_weight, grad_y.contiguous(), sig, inv_p, rstd)
-        return grad_mix, grad_lse, grad_p, grad_q, grad_wn, None, None, None
+    def _merge_backward(ctx, grad_y, grad_p_out, *_stats):
+        mix, p, folded_query, norm_weight, sig, inv_p, rstd = ctx.saved_tensors
+        has_delta = ctx.delta_dtype is not None
+        grad_p_in = grad_p_out.contiguous() if has_delta and grad_p_out is not None else None
+        grad_mix, grad_p, grad_delta, grad_lse, grad_q, grad_wn = attnres_merge_norm_backward(
+            mix, p, folded_query, norm_weight, grad_y.contiguous(), grad_p_in, sig, inv_p, rstd, has_delta,
+            ctx.delta_dtype or p.dtype)
+        return (grad_mix, grad_lse, grad_p, grad_delta if has_delta else None, grad_q, grad_wn,
+                None, None, None)
 
     attnres_merge_norm.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
-def completed_sources_mix_triton(done: list[Tensor], queries: Tensor, norm_weights: Tensor,
-                                 eps: float) -> tuple[list[Tensor], list[Tensor]]:
+def completed_sources_mix_triton(done: list[Tensor], queries: Tensor, norm_weights: Tensor, eps: float,
+                                 mix_dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], list[Tensor]]:
     """attnres.completed_sources_mix with the Triton kernels: sources (B, T, D) each, queries and norm
-    gains (R, D). Returns the R mixes (B, T, D) and the R lse (B, T) as lists, float32."""
+    gains (R, D). Returns the R mixes (B, T, D) in mix_dtype (float32 or bfloat16: the model stores them
+    in the autocast dtype, as the matmuls after each read take them) and the R lse (B, T) in float32,
+    as lists."""
     if len(done) > MAX_SOURCES:
         raise ValueError(f"the Triton AttnRes kernels take at most {MAX_SOURCES} sources, got {len(done)}")
     shape = done[0].shape
     sources = [v.reshape(-1, shape[-1]).contiguous() for v in done]
     folded = (norm_weights.float() * queries.float()).contiguous()
-    mixes, lse, _logits = attnres_block_mix(sources, folded, float(eps))
+    mixes, lse, _logits = attnres_block_mix(sources, folded, float(eps), mix_dtype)
     return [m.view(shape) for m in mixes], list(lse.view(-1, *shape[:-1]).unbind(0))
 
 
 def merged_read_norm_triton(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, read_gain: Tensor,
                             read_eps: float, norm_weight: Tensor, norm_eps: float,
-                            out_dtype: torch.dtype | None = None) -> Tensor:
+                            out_dtype: torch.dtype | None = None, delta: Tensor | None = None):
     """attnres.merged_read_norm (same arguments and result) in one Triton kernel each way: mix, partial
-    (B, T, D), lse (B, T), query, read_gain and norm_weight (D,)."""
+    (B, T, D), lse (B, T), query, read_gain and norm_weight (D,). With `delta` (B, T, D), the residual
+    add before the read runs in the same kernel: the read is of partial + delta, and the result is
+    (partial + delta, y)."""
     shape = partial.shape
     d = shape[-1]
     folded = (read_gain.float() * query.float()).contiguous()
-    y, _sig, _inv_p, _rstd = attnres_merge_norm(
+    y, p_out, _sig, _inv_p, _rstd = attnres_merge_norm(
         mix.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous().float(), partial.reshape(-1, d).contiguous(),
-        folded, norm_weight.float().contiguous(), float(read_eps), float(norm_eps), out_dtype or partial.dtype)
-    return y.view(shape)
+        None if delta is None else delta.reshape(-1, d).contiguous(), folded, norm_weight.float().contiguous(),
+        float(read_eps), float(norm_eps), out_dtype or partial.dtype)
+    if delta is None:
+        return y.view(shape)
+    return p_out.view(shape), y.view(shape)

@@ -386,9 +386,12 @@ class KotodamaLM(nn.Module):
         queries = torch.stack([q for q, _ in params])
         gains = torch.stack([n.weight for _, n in params])
         eps = params[0][1].eps
-        kernels = self.attn_res_kernels and attnres_triton.available(done[0])
-        phase_one = attnres_triton.completed_sources_mix_triton if kernels else self._regions.phase_one
-        mix, lse = phase_one(done, queries, gains, eps)
+        if self.attn_res_kernels and attnres_triton.available(done[0]):
+            # The mixes stay float32: in bf16, the merge's p − mix cancels and the routing parameters'
+            # gradients came out several times further from fp32 than the PyTorch bf16 path's.
+            mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps)
+        else:
+            mix, lse = self._regions.phase_one(done, queries, gains, eps)
         if isinstance(mix, Tensor):
             # The PyTorch formulation stacks the reads. One tensor per read: slicing the stack per read
             # would make each read's gradient a full-size zero-padded copy in backward (R of them per
@@ -444,14 +447,15 @@ class KotodamaLM(nn.Module):
         block = None  # two-phase state of the open block: (mix, lse, read index by key)
         done: list[Tensor] = []
         partial: Tensor | None = emb
+        pending: Tensor | None = None  # an MLP output the next fused read adds to `partial`
         previous: dict[int, Tensor] = {}   # recurrence: stream after each loop slot, last repeat
         skips: dict[int, Tensor] = {}      # U-Net: stream after each encoder layer
         for i, repeat, slot in plan:
             layer = self.layers[i]
             r = rec if rec is not None and i in rec["layers"] else None
             if attn_res and i in self._block_starts:
-                done.append(partial)
-                partial = None
+                done.append(partial if pending is None else partial + pending)
+                partial = pending = None
                 if two_phase:
                     block = self._open_block(done, i)
             if not attn_res:
@@ -467,7 +471,8 @@ class KotodamaLM(nn.Module):
             v_extra = value_embed.term(i, input_ids) if ve_values else None
             attn_read = self._read_spec(block, done, ("attn", i), partial is None, two_phase)
             mlp_read = self._read_spec(block, done, ("mlp", i), False, two_phase)
-            partial = step(layer, partial, cos, sin, v_extra, attn_read, mlp_read, emb.dtype, r, i)
+            partial, pending = step(layer, partial, cos, sin, v_extra, attn_read, mlp_read, emb.dtype, r, i,
+                                    pending)
             if r is not None:
                 r["layer_out"][i] = partial
             if repeat >= 0:
@@ -475,7 +480,7 @@ class KotodamaLM(nn.Module):
             if unet is not None and i in unet.encoders:
                 skips[i] = partial
         final = self._read_spec(block, done, ("final", -1), False, two_phase)
-        return read_norm(final, partial, self.norm, 1.0, emb.dtype, rec)
+        return read_norm(final, partial, self.norm, 1.0, emb.dtype, rec, delta=pending)[1]
 
 
 class ReadSpec(NamedTuple):
@@ -515,22 +520,28 @@ def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype
 
 
 def read_norm(spec: ReadSpec, partial: Tensor | None, norm: RMSNorm, scale: float, stream_dtype: torch.dtype,
-              rec: dict | None, index: int | None = None) -> Tensor:
-    """norm(read) · scale for the read `spec` (scale: the ln_scale factor, 1.0 without it). A merge read
-    with kernels runs as one fused kernel that returns the autocast dtype directly (the matmul after it
-    casts to it anyway); otherwise the read, then the norm. With `rec` and an `index`, the read (the
-    layer's hidden state) is recorded under rec["hidden"]."""
+              rec: dict | None, index: int | None = None,
+              delta: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
+    """(partial + delta, norm(read) · scale) for the read `spec` of the open block's sum partial + delta
+    (delta: a sublayer output not yet added; scale: the ln_scale factor, 1.0 without it). A merge read
+    with kernels runs as one fused kernel, the add included, that returns the autocast dtype directly (the
+    matmul after it casts to it anyway); otherwise the add, the read, then the norm. With `rec` and an
+    `index`, the read (the layer's hidden state) is recorded under rec["hidden"]."""
     if spec.kernels and rec is None:
+        if partial is None:  # the block's first sublayer output: nothing to add it to
+            partial, delta = delta.to(stream_dtype), None
         mix, lse = spec.inputs
-        device = partial.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else stream_dtype
+        out_dtype = _activation_dtype(partial)
         weight = norm.weight * scale if scale != 1.0 else norm.weight
-        return attnres_triton.merged_read_norm_triton(mix, lse, partial, spec.query, spec.norm.weight,
-                                                      spec.norm.eps, weight, norm.eps, out_dtype)
+        fused = attnres_triton.merged_read_norm_triton(mix, lse, partial, spec.query, spec.norm.weight,
+                                                       spec.norm.eps, weight, norm.eps, out_dtype, delta)
+        return fused if delta is not None else (partial, fused)
+    if delta is not None:
+        partial = delta.to(stream_dtype) if partial is None else partial + delta
     h = apply_read(spec, partial, stream_dtype, rec)
     if rec is not None and index is not None:
         rec["hidden"][index] = h
-    return _scaled(norm(h), scale)
+    return partial, _scaled(norm(h), scale)
 
 
 def _ffn(layer: Layer, n: Tensor, rec: dict | None, i: int) -> Tensor:
@@ -543,21 +554,33 @@ def _ffn(layer: Layer, n: Tensor, rec: dict | None, i: int) -> Tensor:
 
 def layer_step(layer: Layer, partial: Tensor | None, cos: Tensor, sin: Tensor, v_extra: Tensor | None,
                attn_read: ReadSpec, mlp_read: ReadSpec, stream_dtype: torch.dtype, rec: dict | None = None,
-               index: int = -1) -> Tensor:
-    """One layer: attention read, attention sublayer, MLP read, MLP sublayer; returns the new open-block
-    sum (or residual stream). The unit KotodamaLM.compile_regions compiles once for every layer.
+               index: int = -1, pending: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """One layer: attention read, attention sublayer, MLP read, MLP sublayer, on the open-block sum (or
+    residual stream) partial + pending. Returns (partial, pending) after the layer: with fused reads
+    (kernels) the MLP output comes back as `pending` for the next read to add, otherwise added and
+    pending None. The unit KotodamaLM.compile_regions compiles once for every layer.
     With `rec` (trace), the layer's internals are recorded under `index`."""
     if layer.parallel:  # GPT-J: attention and MLP read the same input h (plain stream only)
         h = apply_read(attn_read, partial, stream_dtype, rec)
         if rec is not None:
             rec["hidden"][index] = h
         a = _attention(layer, _scaled(layer.attn_norm(h), layer.norm_scale), cos, sin, v_extra, rec, index)
-        return partial + a + _ffn(layer, _scaled(layer.ffn_norm(h), layer.norm_scale), rec, index)
-    n = read_norm(attn_read, partial, layer.attn_norm, layer.norm_scale, stream_dtype, rec, index)
+        return partial + a + _ffn(layer, _scaled(layer.ffn_norm(h), layer.norm_scale), rec, index), None
+    partial, n = read_norm(attn_read, partial, layer.attn_norm, layer.norm_scale, stream_dtype, rec, index,
+                           pending)
     a = _attention(layer, n, cos, sin, v_extra, rec, index)
-    partial = a.to(stream_dtype) if partial is None else partial + a
-    n = read_norm(mlp_read, partial, layer.ffn_norm, layer.norm_scale, stream_dtype, rec)
-    return partial + _ffn(layer, n, rec, index)
+    partial, n = read_norm(mlp_read, partial, layer.ffn_norm, layer.norm_scale, stream_dtype, rec, delta=a)
+    m = _ffn(layer, n, rec, index)
+    if mlp_read.kernels and rec is None:
+        return partial, m
+    return partial + m, None
+
+
+def _activation_dtype(stream: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for the stream's device (the matmuls' input dtype), else
+    the stream's own dtype."""
+    device = stream.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else stream.dtype
 
 
 def _scaled(n: Tensor, scale: float) -> Tensor:
