@@ -182,20 +182,21 @@ def profile_step(args) -> dict:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    events = prof.key_averages()
-    table = events.table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
     Path(args.profile_out).write_text(table)
-    kernels = [e for e in events if e.self_device_time_total > 0
-               and e.device_type == torch.autograd.DeviceType.CUDA] or [e for e in events if e.self_device_time_total > 0]
+    # Kernel time from the raw device events only: the averaged table also lists each Triton kernel a
+    # second time under the name of the compiled graph's launcher, which would count it twice.
+    per_kernel: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time_total / 3 / 1e3
     families: dict[str, float] = {}
-    for e in kernels:
-        key = kernel_family(e.key)
-        families[key] = families.get(key, 0.0) + e.self_device_time_total / 3 / 1e3
-    total_us = sum(e.self_device_time_total for e in kernels) / 3
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:args.profile_top]
-    return {"name": "profile", "cuda_ms_per_step": round(total_us / 1e3, 1),
+    for name, ms in per_kernel.items():
+        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.profile_top]
+    return {"name": "profile", "cuda_ms_per_step": round(sum(per_kernel.values()), 1),
             "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {e.key[:70]: round(e.self_device_time_total / 3 / 1e3, 2) for e in top},
+            "top_kernels_ms": {name[:70]: round(ms, 2) for name, ms in top},
             "table": args.profile_out}
 
 
@@ -219,6 +220,9 @@ def main() -> None:
     ap.add_argument("--warmup-windows", type=int, default=1)
     ap.add_argument("--profile-out", default="profile.txt")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed in the profile summary")
+    ap.add_argument("--json-out", default=None,
+                    help="also append each measurement as one JSON line to this file as soon as it is done, "
+                         "so a run stopped at a time limit keeps what it measured")
     ap.add_argument("--ref-timeout", type=int, default=300)
     ap.add_argument("--preset", default="proxy-108m")
     ap.add_argument("--device", default="cuda")
@@ -258,7 +262,11 @@ def main() -> None:
         except Exception as exc:  # one failed measurement must not lose the others
             results[key] = {"name": key, "error": f"{type(exc).__name__}: {exc}"[:800]}
         results[key]["elapsed_s"] = round(time.time() - started)
-        print(json.dumps(results[key]), flush=True)
+        line = json.dumps(results[key])
+        print(line, flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(line + "\n")
         if args.device == "cuda":
             torch.cuda.empty_cache()
     summary = {"elapsed_s": round(time.time() - t0)}

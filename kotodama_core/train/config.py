@@ -80,9 +80,11 @@ class TrainConfig(StrictModel):
     # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
     # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).
     compile_scope: Literal["model", "layers"] = "model"
-    # Phase 1 of the AttnRes reads with the Triton kernels (kotodama_core/model/attnres_triton.py) on
-    # CUDA. Off until they have been run on a GPU: so far they are checked in Triton's CPU interpreter.
-    attn_res_kernels: bool = False
+    # The AttnRes reads with the Triton kernels of kotodama_core/model/attnres_triton.py (phase 1 per
+    # block; each merge read fused with its RMSNorm and the residual add before it) where the run is on
+    # CUDA with Triton installed; elsewhere, or when false, the PyTorch reads. On one H200 they took the
+    # proxy-108m step from 142 to 115 ms (bench/RESULTS.md).
+    attn_res_kernels: bool = True
     nproc: int = 1
     log_every: int = 10
     val_every: int = 0
