@@ -187,9 +187,11 @@ class KotodamaLM(nn.Module):
     `loss_chunk_tokens` is the number of tokens whose logits the training loss materializes at once.
     `attn_res_two_phase` evaluates the AttnRes reads of a forward pass block by block (see the module
     docstring); False reads every source at every read (attn_res_read), the reference schedule.
-    `attn_res_kernels` runs phase 1 of the two-phase reads with the Triton kernels of attnres_triton when
-    the activations are on CUDA and Triton is installed; elsewhere, or when False, the PyTorch
-    formulation runs (train.attn_res_kernels sets it for training runs).
+    `attn_res_kernels` runs the two-phase reads with the Triton kernels of attnres_triton when the
+    activations are on CUDA and Triton is installed: phase 1 per block, and each merge read fused with
+    the RMSNorm after it and the residual add before it (read_norm; layer_step then hands its MLP output
+    on as `pending`). Elsewhere, or when False, the PyTorch formulation runs (train.attn_res_kernels sets
+    it for training runs).
     """
 
     def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096,
