@@ -23,8 +23,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	touch $@
 
-test: setup
+# Triton for the AttnRes kernel tests on the CPU (Triton's interpreter), in its own folder so that the
+# CPU torch never imports it: installed beside the venv, put on the path only for those tests.
+TRITON_DIR := $(VENV)/triton-interpreter
+$(TRITON_DIR)/.installed: | $(VENV)/.installed
+	$(PY) -m pip install -q --target $(TRITON_DIR) triton==3.6.0
+	touch $@
+
+test: setup $(TRITON_DIR)/.installed
 	$(PY) -m pytest -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_DIR) $(PY) -m pytest -q tests/test_attnres_triton.py
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not stack"
