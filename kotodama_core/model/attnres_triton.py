@@ -52,15 +52,18 @@ def available(tensor: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_sources(SRC, n, D, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Token n's row of each source in the tuple SRC as one (S_PAD, BLOCK_D) fp32 tile."""
+    def _load_token_sources(SRC, N, D, eps, S: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's token row of each source in the tuple SRC as one (S_PAD, BLOCK_D) fp32 tile:
+        (n, s, d, s_ok, d_ok, v, inv_s)."""
+        n = tl.program_id(0).to(tl.int64)  # offsets n·D pass 2³¹ at large batches
         s = tl.arange(0, S_PAD)
         d = tl.arange(0, BLOCK_D)
         v = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
         for k in tl.static_range(S):
             row = tl.load(SRC[k] + n * D + d, mask=d < D, other=0.0).to(tl.float32)
             v = tl.where(s[:, None] == k, row[None, :], v)
-        return v
+        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        return n, s, d, s < S, d < D, v, inv
 
     @triton.jit
     def _row_pointer(TABLE, r, n, D, BF16: tl.constexpr):
@@ -73,13 +76,7 @@ if triton is not None:
     def _mix_forward_kernel(SRC, GQ, MIX_TABLE, LOGITS, LSE, N, D, eps,
                             S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                             MIX_BF16: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)  # offsets n·D pass 2³¹ at large batches
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, BLOCK_D)
-        s_ok = s < S
-        d_ok = d < D
-        v = _load_sources(SRC, n, D, S, S_PAD, BLOCK_D)
-        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
         for r in tl.range(0, R):
             q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
             logit = tl.where(s_ok, tl.sum(v * q[None, :], axis=1) * inv, float("-inf"))
@@ -96,13 +93,7 @@ if triton is not None:
     def _mix_backward_kernel(SRC, GQ, LOGITS, LSE, GRAD_MIX_TABLE, GRAD_LSE, GRAD_SRC, COEF, N, D, eps,
                              S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
                              MIX_BF16: tl.constexpr):
-        n = tl.program_id(0).to(tl.int64)
-        s = tl.arange(0, S_PAD)
-        d = tl.arange(0, BLOCK_D)
-        s_ok = s < S
-        d_ok = d < D
-        v = _load_sources(SRC, n, D, S, S_PAD, BLOCK_D)
-        inv = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
         # Pass 1: the logit gradients of every read, written as coefficients ∂ℓ_rs·inv_s.
         norm_term = tl.zeros((S_PAD,), dtype=tl.float32)
         for r in tl.range(0, R):
