@@ -15,7 +15,7 @@ Measurements (--only): ref, project, per_read (AttnRes read source by source, th
 two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.attn_res_kernels), regions (train.compile_scope
 layers: the repeated regions compiled instead of the whole model), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
---profile-out).
+--profile-out, and the device's busy time against its span), profile_no_attnres (the same with AttnRes off).
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ def random_data(folder: Path, rows: int, window: int, vocab: int) -> Path:
 def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
                  variant: str = "", config: dict | None = None, **model_kwargs) -> dict:
     """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
-    steps = (args.warmup_windows + windows) * args.window
+    # Step 0 (the compile) logs alone, so one step more makes every later window whole: windows end at
+    # steps window, 2·window, ... and the last one at the final step.
+    steps = (args.warmup_windows + windows) * args.window + 1
     overrides = {"train.seq_len": args.seq, "train.micro_batch": batch,
                  "train.global_batch_tokens": batch * args.seq, "train.steps": steps,
                  "train.log_every": args.window,
@@ -93,8 +95,8 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
             engine.KotodamaLM = model_class
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    # A record at step k holds the mean step time since the previous record (steps k−window+1..k; the
-    # last record, at the final step, may cover fewer); records up to the warm-up's end are skipped.
+    # A record at step k holds the mean step time since the previous record (steps k−window+1..k);
+    # records up to the warm-up's end are skipped.
     timed = [r["step_ms"] for r in records if "step_ms" in r and r["step"] > args.warmup_windows * args.window]
     step_ms = statistics.median(timed)
     tok_s = batch * args.seq / (step_ms / 1e3)
@@ -152,12 +154,35 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def profile_step(args) -> dict:
+def device_busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """Time the device spent running at least one kernel (the union of the [start, end) intervals) and
+    the span from the first start to the last end; span − busy is the device's idle time in between."""
+    if not intervals:
+        return 0.0, 0.0
+    busy, run_start, run_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if run_end is None or start > run_end:
+            if run_end is not None:
+                busy += run_end - run_start
+            run_start, run_end = start, end
+        else:
+            run_end = max(run_end, end)
+    busy += run_end - run_start
+    return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
+
+
+def profile_step(args, attn_res: bool = True) -> dict:
     """CUDA time by kernel over a few compiled project steps (model, loss, backward, clip, optimizer),
-    built from the same config as the project measurements (so --set applies), and by kernel family."""
+    built from the same config as the project measurements (so --set applies), and by kernel family;
+    also the device's busy time (union of kernel intervals) against its span, whose difference is the
+    idle time the host leaves between kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    if not attn_res:
+        overrides.update({"model.attn_res": False, "model.attn_res_boundaries": None})
+    name = "profile" if attn_res else "profile_no_attnres"
+    cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
     model = KotodamaLM(cfg.model, attn_res_kernels=cfg.train.attn_res_kernels).to(args.device)
     opt = build_optimizer(model, cfg.optim)
     if cfg.train.compile_scope == "layers":
@@ -183,21 +208,28 @@ def profile_step(args) -> dict:
             step()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
-    Path(args.profile_out).write_text(table)
+    table_path = Path(args.profile_out) if attn_res else Path(args.profile_out).with_suffix(".no_attnres.txt")
+    table_path.write_text(table)
     # Kernel time from the raw device events only: the averaged table also lists each Triton kernel a
     # second time under the name of the compiled graph's launcher, which would count it twice.
     per_kernel: dict[str, float] = {}
+    intervals = []
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time_total / 3 / 1e3
+            intervals.append((e.time_range.start, e.time_range.end))
     families: dict[str, float] = {}
     for name, ms in per_kernel.items():
         families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.profile_top]
-    return {"name": "profile", "cuda_ms_per_step": round(sum(per_kernel.values()), 1),
+    busy_us, span_us = device_busy_and_span(intervals)
+    return {"name": name, "cuda_ms_per_step": round(sum(per_kernel.values()), 1),
+            "kernels_per_step": round(len(intervals) / 3),
+            "device_busy_ms_per_step": round(busy_us / 3 / 1e3, 1),
+            "device_span_ms_per_step": round(span_us / 3 / 1e3, 1),
             "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": {name[:70]: round(ms, 2) for name, ms in top},
-            "table": args.profile_out}
+            "table": str(table_path)}
 
 
 def reference(args, variant: str, batch: int) -> dict:
@@ -249,7 +281,8 @@ def main() -> None:
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),
             ("mb16", lambda: project_step(args, True, 16, 1, not args.no_compile)),
-            ("profile", lambda: profile_step(args))]
+            ("profile", lambda: profile_step(args)),
+            ("profile_no_attnres", lambda: profile_step(args, attn_res=False))]
     steps = dict(plan)
     unknown = [k for k in args.only.split(",") if k not in steps]
     if unknown:
