@@ -175,7 +175,8 @@ def profile_step(args, attn_res: bool = True) -> dict:
     """CUDA time by kernel over a few compiled project steps (model, loss, backward, clip, optimizer),
     built from the same config as the project measurements (so --set applies), and by kernel family;
     also the device's busy time (union of kernel intervals) against its span, whose difference is the
-    idle time the host leaves between kernels."""
+    idle time the host leaves between kernels, and the synchronized wall time of the same loop run
+    without the profiler (`bare_step_ms`: no data loader, no logging)."""
     from torch.profiler import ProfilerActivity, profile
 
     overrides = parse_overrides(args.set)
@@ -203,33 +204,57 @@ def profile_step(args, attn_res: bool = True) -> dict:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    t0 = time.perf_counter()
+    for _ in range(6):
+        step()
+    torch.cuda.synchronize()
+    bare_ms = (time.perf_counter() - t0) / 6 * 1e3
+    # Kernel times and the device's idle time from a device-only trace: tracing the host's operators too
+    # slows the host enough to open gaps on the device that an unprofiled step does not have.
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
+    kernels, annotations = device_events(prof, steps=3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof_ops:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof_ops.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
     table_path = Path(args.profile_out) if attn_res else Path(args.profile_out).with_suffix(".no_attnres.txt")
     table_path.write_text(table)
-    # Kernel time from the raw device events only: the averaged table also lists each Triton kernel a
-    # second time under the name of the compiled graph's launcher, which would count it twice.
     per_kernel: dict[str, float] = {}
-    intervals = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time_total / 3 / 1e3
-            intervals.append((e.time_range.start, e.time_range.end))
+    for kernel, start, end in kernels:
+        per_kernel[kernel] = per_kernel.get(kernel, 0.0) + (end - start) / 3 / 1e3
     families: dict[str, float] = {}
-    for name, ms in per_kernel.items():
-        families[kernel_family(name)] = families.get(kernel_family(name), 0.0) + ms
+    for kernel, ms in per_kernel.items():
+        families[kernel_family(kernel)] = families.get(kernel_family(kernel), 0.0) + ms
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.profile_top]
-    busy_us, span_us = device_busy_and_span(intervals)
-    return {"name": name, "cuda_ms_per_step": round(sum(per_kernel.values()), 1),
-            "kernels_per_step": round(len(intervals) / 3),
+    busy_us, span_us = device_busy_and_span([(start, end) for _, start, end in kernels])
+    return {"name": name, "bare_step_ms": round(bare_ms, 1),
+            "cuda_ms_per_step": round(sum(per_kernel.values()), 1),
+            "kernels_per_step": round(len(kernels) / 3),
             "device_busy_ms_per_step": round(busy_us / 3 / 1e3, 1),
             "device_span_ms_per_step": round(span_us / 3 / 1e3, 1),
+            "annotation_span_ms_per_step": annotations,
             "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
-            "top_kernels_ms": {name[:70]: round(ms, 2) for name, ms in top},
+            "top_kernels_ms": {k[:70]: round(ms, 2) for k, ms in top},
             "table": str(table_path)}
+
+
+def device_events(prof, steps: int) -> tuple[list[tuple[str, float, float]], dict[str, float]]:
+    """The kernels of a trace as (name, start µs, end µs), and the device-side span per step of each
+    user annotation (e.g. `Optimizer.step#Muon.step`, from first to last kernel inside it, gaps included).
+    Annotations are kept apart: summed with the kernels they would count those kernels twice."""
+    kernels, annotations = [], {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if getattr(e, "is_user_annotation", False):
+            annotations[e.name] = annotations.get(e.name, 0.0) + e.time_range.elapsed_us() / steps / 1e3
+        else:
+            kernels.append((e.name, e.time_range.start, e.time_range.end))
+    return kernels, {k: round(v, 2) for k, v in annotations.items()}
 
 
 def reference(args, variant: str, batch: int) -> dict:

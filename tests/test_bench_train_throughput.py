@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench import train_throughput
-from bench.train_throughput import device_busy_and_span, kernel_family
+from bench.train_throughput import device_busy_and_span, device_events, kernel_family
 
 
 def test_busy_is_the_union_of_kernel_intervals_and_span_covers_them():
@@ -18,6 +18,24 @@ def test_busy_is_the_union_of_kernel_intervals_and_span_covers_them():
     assert busy == pytest.approx(7.0)
     assert span == pytest.approx(11.0)
     assert device_busy_and_span([]) == (0.0, 0.0)
+
+
+def test_device_events_keep_annotations_apart_from_kernels():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                               time_range=Interval(start, end))
+
+    prof = SimpleNamespace(events=lambda: [
+        event("Optimizer.step#Muon.step", 100, 400, annotation=True), event("gemm", 100, 150),
+        event("foreach", 300, 400), event("aten::mm", 90, 160, device=DeviceType.CPU)])
+    kernels, annotations = device_events(prof, steps=2)
+    assert kernels == [("gemm", 100, 150), ("foreach", 300, 400)]
+    assert annotations == {"Optimizer.step#Muon.step": pytest.approx(0.15)}  # 300 µs over 2 steps, in ms
 
 
 def test_kernel_families():
