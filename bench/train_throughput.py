@@ -62,6 +62,11 @@ def random_data(folder: Path, rows: int, window: int, vocab: int) -> Path:
     return folder
 
 
+def attn_res_overrides(attn_res: bool) -> dict:
+    """Config overrides that switch AttnRes on (the preset's boundaries) or off (no boundaries)."""
+    return {"model.attn_res": True} if attn_res else {"model.attn_res": False, "model.attn_res_boundaries": None}
+
+
 def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
                  variant: str = "", config: dict | None = None, **model_kwargs) -> dict:
     """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
@@ -73,9 +78,7 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
                  "train.log_every": args.window,
                  "train.compile": compile_, "train.precision": "bf16" if args.device == "cuda" else "fp32", "train.monitor.enabled": False,
                  "train.checkpoint.every_steps": 10**9, "train.val_batches": 1, "schedule.warmup_steps": 2,
-                 "model.attn_res": attn_res}
-    if not attn_res:
-        overrides["model.attn_res_boundaries"] = None
+                 **attn_res_overrides(attn_res)}
     overrides.update(parse_overrides(args.set))
     overrides.update(config or {})
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
@@ -159,16 +162,15 @@ def device_busy_and_span(intervals: list[tuple[float, float]]) -> tuple[float, f
     the span from the first start to the last end; span − busy is the device's idle time in between."""
     if not intervals:
         return 0.0, 0.0
-    busy, run_start, run_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if run_end is None or start > run_end:
-            if run_end is not None:
-                busy += run_end - run_start
-            run_start, run_end = start, end
-        else:
-            run_end = max(run_end, end)
+    ordered = sorted(intervals)
+    busy, (run_start, run_end) = 0.0, ordered[0]
+    for start, end in ordered[1:]:
+        if start > run_end:  # a gap: the run of overlapping kernels before it is closed
+            busy += run_end - run_start
+            run_start = start
+        run_end = max(run_end, end)
     busy += run_end - run_start
-    return busy, max(e for _, e in intervals) - min(s for s, _ in intervals)
+    return busy, run_end - ordered[0][0]
 
 
 def profile_step(args, attn_res: bool = True) -> dict:
@@ -179,9 +181,7 @@ def profile_step(args, attn_res: bool = True) -> dict:
     without the profiler (`bare_step_ms`: no data loader, no logging)."""
     from torch.profiler import ProfilerActivity, profile
 
-    overrides = parse_overrides(args.set)
-    if not attn_res:
-        overrides.update({"model.attn_res": False, "model.attn_res_boundaries": None})
+    overrides = parse_overrides(args.set) if attn_res else {**parse_overrides(args.set), **attn_res_overrides(False)}
     name = "profile" if attn_res else "profile_no_attnres"
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
     model = KotodamaLM(cfg.model, attn_res_kernels=cfg.train.attn_res_kernels).to(args.device)
@@ -215,7 +215,7 @@ def profile_step(args, attn_res: bool = True) -> dict:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    kernels, annotations = device_events(prof, steps=3)
+    kernels = device_kernels(prof)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof_ops:
         for _ in range(3):
             step()
@@ -236,25 +236,17 @@ def profile_step(args, attn_res: bool = True) -> dict:
             "kernels_per_step": round(len(kernels) / 3),
             "device_busy_ms_per_step": round(busy_us / 3 / 1e3, 1),
             "device_span_ms_per_step": round(span_us / 3 / 1e3, 1),
-            "annotation_span_ms_per_step": annotations,
             "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
             "top_kernels_ms": {k[:70]: round(ms, 2) for k, ms in top},
             "table": str(table_path)}
 
 
-def device_events(prof, steps: int) -> tuple[list[tuple[str, float, float]], dict[str, float]]:
-    """The kernels of a trace as (name, start µs, end µs), and the device-side span per step of each
-    user annotation (e.g. `Optimizer.step#Muon.step`, from first to last kernel inside it, gaps included).
-    Annotations are kept apart: summed with the kernels they would count those kernels twice."""
-    kernels, annotations = [], {}
-    for e in prof.events():
-        if e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        if getattr(e, "is_user_annotation", False):
-            annotations[e.name] = annotations.get(e.name, 0.0) + e.time_range.elapsed_us() / steps / 1e3
-        else:
-            kernels.append((e.name, e.time_range.start, e.time_range.end))
-    return kernels, {k: round(v, 2) for k, v in annotations.items()}
+def device_kernels(prof) -> list[tuple[str, float, float]]:
+    """The kernels of a trace as (name, start µs, end µs). Device-side user annotations (such as
+    `Optimizer.step#Muon.step`, which spans the kernels inside it) are left out: summed with the kernels
+    they would count those kernels twice."""
+    return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
 
 
 def reference(args, variant: str, batch: int) -> dict:
