@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kotodama_core import __version__
-from kotodama_core.config import canonical_json, digest
+from kotodama_core.digest import canonical_json, digest
 
 MANIFEST = "manifest.json"
 _CODE_ROOTS = ("kotodama_core", "stages")

@@ -1,8 +1,12 @@
-"""Base class for every config section: strict (unknown key = error) and immutable."""
+"""Base class for every config section (strict: unknown key = error; immutable) and the config error."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config file, override or value is wrong; the message names the key and the file."""
 
 
 class StrictModel(BaseModel):

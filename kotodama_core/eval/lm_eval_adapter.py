@@ -14,11 +14,12 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from kotodama_core.config import load_config
+from kotodama_core.config_tree import load_tree
 from kotodama_core.eval.generate import generate_tokens
 from kotodama_core.eval.loading import load_checkpoint_model, select_device, select_dtype
 from kotodama_core.eval.scoring import continuation_logprobs, strided_token_nll
 from kotodama_core.eval.tokenizer import eos_id, load_eval_tokenizer
+from kotodama_core.model.config import KotodamaConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_TOKENIZER = "../shared/data/smollm2-tokenizer/tokenizer.json"
@@ -52,7 +53,7 @@ class KotodamaEvalLM(TemplateLM):
         if model is None:
             if checkpoint is None:
                 raise ValueError("kotodama model needs model_args checkpoint=<artifact folder or .pt.zst>")
-            model_cfg = load_config(config).model if config else None
+            model_cfg = KotodamaConfig.model_validate(load_tree(config).get("model", {})) if config else None
             model, _ = load_checkpoint_model(checkpoint, model_cfg, device=self._device,
                                              dtype=select_dtype(dtype, self._device))
         self.model = model.eval()

@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from kotodama_core.config import ConfigError
+from kotodama_core.schema import ConfigError
 from kotodama_core.nca.complexity import in_band, score_trajectories
 from kotodama_core.nca.config import NCAConfig
 from kotodama_core.nca.rules import Rule, sample_rule

@@ -20,11 +20,11 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from kotodama_core.config import RunConfig, digest
+from kotodama_core.digest import digest
 from kotodama_core.data.loader import TokenLoader
 from kotodama_core.model import KotodamaLM
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
@@ -34,6 +34,9 @@ from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier,
                                              init_distributed)
 from kotodama_core.train.init import load_weights_strict, nca_transfer, read_weights
 from kotodama_core.train.throughput import model_flops_per_token, peak_flops
+
+if TYPE_CHECKING:  # the run config sits above the training package; annotations only
+    from kotodama_core.config import RunConfig
 
 MetricsSink = Callable[[dict[str, float], int], None]
 
