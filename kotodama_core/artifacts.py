@@ -46,10 +46,15 @@ def code_version() -> str:
     return f"{__version__}+{h.hexdigest()[:12]}"
 
 
-def stage_digest(stage: str, section: Any, input_digests: Mapping[str, str], version: str | None = None) -> str:
-    """sha256 of (stage name, canonical config section, input manifest digests, code version)."""
-    return digest({"stage": stage, "config": section, "inputs": dict(sorted(input_digests.items())),
-                   "code": version or code_version()})
+def stage_digest(stage: str, section: Any, input_digests: Mapping[str, str], version: str | None = None,
+                 content: Mapping[str, str] | None = None) -> str:
+    """sha256 of (stage name, canonical config section, input manifest digests, code version, and the
+    content digests of files read from outside the pipeline when there are any)."""
+    identity = {"stage": stage, "config": section, "inputs": dict(sorted(input_digests.items())),
+                "code": version or code_version()}
+    if content:
+        identity["content"] = dict(sorted(content.items()))
+    return digest(identity)
 
 
 def artifact_dir(stage: str, stage_digest_hex: str) -> Path:
@@ -62,6 +67,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def input_digest(path: str | Path) -> str:
+    """What an input contributes to a stage digest: an artifact's manifest digest, or a file's sha256."""
+    path = Path(path)
+    if path.is_file() and path.name != MANIFEST:
+        return sha256_file(path)
+    return read_manifest(path).digest
 
 
 def partial_dir(out: Path) -> Path:
@@ -118,7 +131,7 @@ def list_outputs(root: Path) -> list[dict[str, Any]]:
 
 def write_manifest(work: Path, *, stage: str, config: Any, inputs: Mapping[str, Manifest],
                    metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
-                   outputs: list[dict[str, Any]] | None = None) -> Path:
+                   outputs: list[dict[str, Any]] | None = None, content: Mapping[str, str] | None = None) -> Path:
     """Write `work/manifest.json` atomically (temp file + rename)."""
     input_digests = {k: m.digest for k, m in inputs.items()}
     data = {
@@ -127,10 +140,12 @@ def write_manifest(work: Path, *, stage: str, config: Any, inputs: Mapping[str, 
         "config_digest": digest(config),
         "inputs": {k: {"digest": m.digest, "path": str(m.path)} for k, m in inputs.items()},
         "code_version": code_version(),
-        "digest": stage_digest(stage, config, input_digests),
+        "digest": stage_digest(stage, config, input_digests, content=content),
         "outputs": list_outputs(work) if outputs is None else outputs,
         "metrics": dict(metrics or {}),
     }
+    if content:
+        data["content"] = dict(content)
     if extra:
         data.update(extra)
     tmp = work / (MANIFEST + ".tmp")
@@ -168,5 +183,5 @@ def file_record(path: Path, root: Path) -> dict[str, Any]:
 
 
 __all__ = ["ArtifactError", "Manifest", "MANIFEST", "artifact_dir", "begin", "canonical_json", "code_version",
-           "commit", "file_record", "kotodama_home", "list_outputs", "partial_dir", "read_manifest",
+           "commit", "file_record", "input_digest", "kotodama_home", "list_outputs", "partial_dir", "read_manifest",
            "sha256_file", "stage_digest", "write_manifest"]
