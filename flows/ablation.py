@@ -9,7 +9,6 @@ An ablation spec is a YAML file in configs/ablations/ (validated strictly: an un
     token_budget: 6144                # every arm trains floor(token_budget / global_batch_tokens) steps
     overrides: {eval.limit: 8}        # dotted overrides applied to every arm
     nca_overrides: {}                 # dotted overrides applied to every arm's NCA run config
-    export: null                      # run the export stage per arm: null = when stages/export.py exists
     arms:                             # either arms ...
       hybrid: {}                      #   (at most one arm may be empty: the base itself, the control)
       adamw: {optim.kind: adamw, optim.adamw.lr: 8.0e-4}
@@ -25,9 +24,9 @@ too, because nca_transfer needs the NCA model to have the language model's layou
 (rule search, NCA data, NCA training) is therefore shared with every other arm whose NCA config is the
 same: identical configs give identical digests, so the stage runs once and the other arms reuse it.
 
-Per arm: data → [NCA chain] → train → eval → [export] → report (one-run page); at the end one comparison
-report of all arms (stages/report.py's comparison entry point, inputs named by arm). No Prefect here: the
-plan, every digest and every config error are known before anything runs.
+Per arm: the `arm` pipeline of stages/graph.py, data → [NCA chain with boundaries] → train → eval → export
+→ report (one-run page); at the end one comparison report of all arms (the report stage with inputs named
+by arm). No Prefect here: the plan, every digest and every config error are known before anything runs.
 """
 
 from __future__ import annotations
@@ -42,15 +41,16 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from flows.plan import Step, make_step, stage_available
 from kotodama_core.config import (CONFIGS_ROOT, ConfigError, RunConfig, apply_overrides, load_tree,
                                    read_yaml_mapping, validate)
 from kotodama_core.schema import StrictModel
+from stages.graph import Step, build, make_step
+from stages.registry import STAGES
 
 ABLATIONS_DIR = CONFIGS_ROOT / "ablations"
 NCA_PREFIX = "nca_run."
-# Input names the report stage reads as parts of one run (so they cannot label comparison columns).
-RESERVED_ARM_NAMES = ("train", "eval", "export", "nca_train", "boundaries", "data", "checkpoint", "init")
+# Input names the stages read as parts of one run (so they cannot label comparison columns).
+RESERVED_ARM_NAMES = tuple(sorted({i.name for s in STAGES.values() for i in s.inputs}))
 _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _NOT_MIRRORED = ("model.vocab_size",)
 
@@ -63,7 +63,6 @@ class AblationSpec(StrictModel):
     token_budget: int | None = None
     overrides: dict[str, Any] = {}
     nca_overrides: dict[str, Any] = {}
-    export: bool | None = None
     arms: dict[str, dict[str, Any]] | None = None
     factors: dict[str, list[Any] | dict[str, dict[str, Any]]] | None = None
     max_arms: int = 16
@@ -286,32 +285,9 @@ def resolve_arms(spec: AblationSpec, overrides: Mapping[str, Any] | None = None,
 
 # -- the plan ----------------------------------------------------------------------------------------
 
-def export_enabled(spec: AblationSpec) -> bool:
-    if spec.export is None:
-        return stage_available("export")
-    if spec.export and not stage_available("export"):
-        raise ConfigError("export: true, but stages/export.py does not exist")
-    return spec.export
-
-
-def arm_steps(arm: Arm, export: bool) -> dict[str, Step]:
-    """data → [nca_search → nca_data → nca_train] → train → eval → [export] → report, keyed by role."""
-    cfg = arm.cfg
-    steps: dict[str, Step] = {"data": make_step("data", "data", cfg, {})}
-    train_inputs: dict[str, Step] = {"data": steps["data"]}
-    if arm.nca_cfg is not None:
-        steps["nca_search"] = make_step("nca_search", "nca_search", arm.nca_cfg, {})
-        steps["nca_data"] = make_step("nca_data", "nca_data", arm.nca_cfg, {"rules": steps["nca_search"]})
-        steps["nca_train"] = make_step("nca_train", "train", arm.nca_cfg, {"data": steps["nca_data"]})
-        train_inputs["init"] = steps["nca_train"]
-    steps["train"] = make_step("train", "train", cfg, train_inputs)
-    steps["eval"] = make_step("eval", "eval", cfg, {"checkpoint": steps["train"], "data": steps["data"]})
-    report_inputs = {"train": steps["train"], "eval": steps["eval"]}
-    if export:
-        steps["export"] = make_step("export", "export", cfg, {"checkpoint": steps["train"], "data": steps["data"]})
-        report_inputs["export"] = steps["export"]
-    steps["report"] = make_step("report", "report", cfg, report_inputs)
-    return steps
+def arm_steps(arm: Arm) -> dict[str, Step]:
+    """The `arm` pipeline (stages/graph.py) for this arm's configs, keyed by role."""
+    return {s.key: s for s in build("arm", arm.cfg, arm.nca_cfg)}
 
 
 def build_ablation_plan(spec: str | Path | Mapping[str, Any] | AblationSpec,
@@ -319,8 +295,7 @@ def build_ablation_plan(spec: str | Path | Mapping[str, Any] | AblationSpec,
     """Every distinct stage of every arm with its digest (shared stages once), then the comparison."""
     spec = spec if isinstance(spec, AblationSpec) else load_spec(spec)
     base, arms = resolve_arms(spec, overrides, only)
-    export = export_enabled(spec)
-    raw = {a.name: arm_steps(a, export) for a in arms}
+    raw = {a.name: arm_steps(a) for a in arms}
     seen: dict[str, str] = {}
     for a in arms:
         train = raw[a.name]["train"].digest

@@ -27,10 +27,10 @@ from prefect.runtime import flow_run
 from flows import mlflow_runs
 from flows.launch import child_env, run_streaming, stage_command
 from flows.pipelines import build_plan
-from flows.plan import DEFAULT_PRESET, Step
 from flows.preflight import ARTIFACT_TAG
 from kotodama_core.artifacts import ArtifactError, kotodama_home, read_manifest
 from kotodama_core.config import dump_yaml
+from stages.graph import DEFAULT_PRESET, Step
 from stages.tracking import ENV_PARENT_RUN_ID, ENV_RUN_ID
 
 TRAIN_RETRIES = 1
@@ -75,7 +75,7 @@ def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inp
         manifest = read_manifest(out_dir)
         if manifest.digest != digest:
             raise ArtifactError(f"{key}: stages.{stage} wrote digest {manifest.digest[:16]}, the plan predicted "
-                                f"{digest[:16]}: the stage and flows/plan.py disagree on the stage's config")
+                                f"{digest[:16]}: the stage and stages/registry.py disagree on the stage's digest")
         if run_id:
             mlflow_runs.log_stage_outputs(run_id, manifest, Path(config_path))
             mlflow_runs.end(run_id, ok=True)

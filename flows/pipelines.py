@@ -1,7 +1,8 @@
-"""The pipelines: which stages `fullcorpus`, `bcpt` and `nca` run, from the flow's parameters.
+"""The deployed pipelines from the flow's parameters: `fullcorpus`, `bcpt` and `nca` (stages/graph.py).
 
 No Prefect here: `build_plan` resolves the run configs, applies overrides, finds and checks the bcpt source
-checkpoint, and returns the steps with their digests, or raises before anything runs.
+checkpoint (a path, an MLflow run, or the preset's fullcorpus artifact), and returns the steps with their
+digests, or raises before anything runs.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows.plan import Step, bcpt_steps, fullcorpus_steps, nca_steps, resolve
 from flows.preflight import artifact_from_mlflow_run, check_fits_model, checkpoint_file
 from kotodama_core.artifacts import ArtifactError
 from kotodama_core.config import ConfigError
+from stages.graph import Step, plan, resolve
 
 
 def build_plan(pipeline: str, preset: str, overrides: dict[str, Any] | None = None,
@@ -21,29 +22,23 @@ def build_plan(pipeline: str, preset: str, overrides: dict[str, Any] | None = No
                init_run_id: str | None = None, init_step: int | None = None) -> list[Step]:
     """Every step of the pipeline with its digest; all config and input errors surface here."""
     overrides = dict(overrides or {})
-    if nca_overrides and pipeline not in ("fullcorpus",):
-        raise ConfigError(f"nca_overrides applies to the fullcorpus pipeline; for {pipeline!r} use overrides")
     if (init_checkpoint or init_run_id or init_step is not None) and pipeline != "bcpt":
         raise ConfigError("init_checkpoint / init_run_id / init_step apply to the bcpt pipeline only")
-    if pipeline == "nca":
-        return nca_steps(resolve("nca", preset, overrides))
-    if pipeline == "fullcorpus":
-        return fullcorpus_steps(resolve("fullcorpus", preset, overrides), resolve("nca", preset, nca_overrides))
-    if pipeline == "bcpt":
-        if init_checkpoint and init_run_id:
-            raise ConfigError("give init_checkpoint or init_run_id, not both")
-        if init_step is not None:
-            overrides["train.init.step"] = init_step
-        cfg = resolve("bcpt", preset, overrides)
-        if init_checkpoint:
-            source = Path(init_checkpoint).expanduser().resolve()
-        elif init_run_id:
-            source = artifact_from_mlflow_run(init_run_id)
-        else:
-            source = default_bcpt_source(preset)
-        check_fits_model(checkpoint_file(source, cfg.train.init.step), cfg)
-        return bcpt_steps(cfg, source)
-    raise ConfigError(f"unknown pipeline {pipeline!r}; choose fullcorpus, bcpt or nca")
+    if pipeline != "bcpt":
+        return plan(pipeline, preset, overrides, nca_overrides)
+    if init_checkpoint and init_run_id:
+        raise ConfigError("give init_checkpoint or init_run_id, not both")
+    if init_step is not None:
+        overrides["train.init.step"] = init_step
+    cfg = resolve("bcpt", preset, overrides)
+    if init_checkpoint:
+        source = Path(init_checkpoint).expanduser().resolve()
+    elif init_run_id:
+        source = artifact_from_mlflow_run(init_run_id)
+    else:
+        source = default_bcpt_source(preset)
+    check_fits_model(checkpoint_file(source, cfg.train.init.step), cfg)
+    return plan("bcpt", preset, overrides, init=source)
 
 
 def default_bcpt_source(preset: str) -> Path:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kotodama_core import __version__
+from kotodama_core.errors import UserError
 from kotodama_core.digest import canonical_json, digest
 
 MANIFEST = "manifest.json"
 _CODE_ROOTS = ("kotodama_core", "stages")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(UserError, RuntimeError):
     """A stage input or output on disk is missing, incomplete or corrupt."""
 
 

@@ -21,12 +21,9 @@ from kotodama_core.model import load_model
 from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.nca.boundaries import PROFILE_METRICS, gap_scores, layer_profile, select_boundaries
 from stages.common import input_manifests, main
+from stages.registry import identity
 
 STAGE = "boundaries"
-
-
-def config_section(cfg: RunConfig) -> dict:
-    return {"nca": {"boundaries": cfg.nca.boundaries.model_dump(mode="json")}}
 
 
 def probe_batch(data_root: Path, splits: dict, split: str, batch: int, seq_len: int) -> torch.Tensor:
@@ -91,7 +88,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         "boundaries": boundaries, "gap_scores": scores.tolist(), "profile": profile,
         "layer0_head_entropy": profile["attn_entropy_heads"][0], "probe_tokens": int(ids.numel())}, indent=1))
     plot_profile(work / "profile.png", profile, scores, boundaries)
-    write_manifest(work, stage=STAGE, config=config_section(cfg), inputs=manifests,
+    write_manifest(work, stage=STAGE, **identity(STAGE, cfg), inputs=manifests,
                    metrics={"num_boundaries": len(boundaries),
                             "layer0_head_entropy_std": float(np.std(profile["attn_entropy_heads"][0]))},
                    extra={"boundaries": boundaries})

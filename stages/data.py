@@ -15,11 +15,7 @@ from kotodama_core.data.build import build_dataset
 from kotodama_core.data.readers import DataInputError
 from kotodama_core.data.tokenizer import TokenizerError
 from stages.common import main
-
-
-def config_section(cfg: RunConfig) -> dict:
-    """The data section without the executor settings, which never change the bytes written."""
-    return cfg.data.digest_section()
+from stages.registry import identity
 
 
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
@@ -31,7 +27,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         extra, metrics = build_dataset(cfg.data, work)
     except (DataInputError, TokenizerError) as exc:
         raise ConfigError(str(exc)) from exc
-    artifacts.write_manifest(work, stage="data", config=config_section(cfg), inputs={},
+    artifacts.write_manifest(work, stage="data", **identity("data", cfg), inputs={},
                              metrics=metrics, extra=extra)
     return artifacts.commit(out)
 

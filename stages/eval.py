@@ -14,10 +14,7 @@ from kotodama_core.config import RunConfig
 from kotodama_core.eval.config import resolve_repo_path
 from kotodama_core.eval.results import markdown_table
 from stages.common import input_manifests, main
-
-
-def config_section(cfg: RunConfig) -> dict:
-    return {"eval": cfg.section("eval"), "model": cfg.section("model")}
+from stages.registry import identity
 
 
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
@@ -47,7 +44,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     if "val_bpb" in report:
         table += f"\nval_bpb (held-out training mix): {report['val_bpb']['val_bpb']:.4f}\n"
     (work / "results.md").write_text(table)
-    write_manifest(work, stage="eval", config=config_section(cfg),
+    write_manifest(work, stage="eval", **identity("eval", cfg),
                    inputs=manifests, metrics=metrics, extra={"task_errors": report["errors"]})
     return commit(out)
 

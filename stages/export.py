@@ -24,6 +24,7 @@ from kotodama_core.artifacts import ArtifactError, begin, commit, write_manifest
 from kotodama_core.config import RunConfig
 from kotodama_core.eval.config import REPO_ROOT
 from stages.common import input_manifests, main
+from stages.registry import identity
 
 STAGE = "export"
 ARTIFACT_FILE = "model.int.ptz"
@@ -49,10 +50,6 @@ def _val_scores(model, data_root: Path, cfg: RunConfig, device: torch.device) ->
 
     return val_bpb_for(model, data_root, cfg.export.val_bpb, stride=cfg.export.stride,
                        context=model.cfg.max_position_embeddings, device=device)
-
-
-def config_section(cfg: RunConfig) -> dict:
-    return {"export": cfg.section("export"), "model": cfg.section("model")}
 
 
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
@@ -110,7 +107,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
 
     (work / "code_files.json").write_text(json.dumps(
         [{"path": os.path.relpath(f, REPO_ROOT), "bytes": f.stat().st_size} for f in files], indent=2))
-    write_manifest(work, stage=STAGE, config=config_section(cfg),
+    write_manifest(work, stage=STAGE, **identity(STAGE, cfg),
                    inputs=manifests, metrics=metrics,
                    extra={"artifact_file": ARTIFACT_FILE, "source_weights": weights_file.name,
                           "codec": ec.codec, "bits_by_tensor": {e["name"]: e["bits"] for e in packed.header["tensors"]}})

@@ -22,13 +22,9 @@ from kotodama_core.nca.tokenizer import frame_tokens
 from kotodama_core.nca.trajectories import WindowCounts, trajectory_windows
 from stages.common import input_manifests, main
 from stages.nca_search import default_device
+from stages.registry import identity
 
 STAGE = "nca_data"
-
-
-def config_section(cfg: RunConfig) -> dict:
-    """What this stage reads: the world, trajectory length and packing (rules come from the bank)."""
-    return {"nca": cfg.nca.model_dump(mode="json", exclude={"seed", "rule", "search", "boundaries"})}
 
 
 def _write_split(work: Path, split: str, batches, shard_windows: int) -> list[Path]:
@@ -89,7 +85,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         metrics.update({f"{split}_tokens": c.windows * window, f"{split}_windows": c.windows,
                         f"{split}_trajectories": c.trajectories, f"{split}_rules": len(c.rules_used),
                         f"{split}_dropped_tokens": c.dropped_tokens})
-    write_manifest(work, stage=STAGE, config=config_section(cfg), inputs=manifests, metrics=metrics, extra=extra)
+    write_manifest(work, stage=STAGE, **identity(STAGE, cfg), inputs=manifests, metrics=metrics, extra=extra)
     return commit(out)
 
 

@@ -19,13 +19,9 @@ from kotodama_core.config import RunConfig
 from kotodama_core.nca.rules import save_rule_bank
 from kotodama_core.nca.search import score_histogram, score_summary, search_rules
 from stages.common import main
+from stages.registry import identity
 
 STAGE = "nca_search"
-
-
-def config_section(cfg: RunConfig) -> dict:
-    """What this stage reads: the world and the rule space and search, not packing or boundaries."""
-    return {"nca": cfg.nca.model_dump(mode="json", exclude={"steps", "data", "boundaries"})}
 
 
 def default_device() -> str:
@@ -46,7 +42,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
                "pass_rate": result.pass_rate, **{f"score_{k}": v for k, v in score_summary(result.scores).items()}}
     extra = {"band": [nca.search.band_low, nca.search.band_high], "score_dtype": nca.search.score_dtype,
              "score_histogram": score_histogram(result.scores), "vocab_size": nca.vocab_size}
-    write_manifest(work, stage=STAGE, config=config_section(cfg), inputs={}, metrics=metrics, extra=extra)
+    write_manifest(work, stage=STAGE, **identity(STAGE, cfg), inputs={}, metrics=metrics, extra=extra)
     return commit(out)
 
 

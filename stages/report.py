@@ -18,12 +18,9 @@ from kotodama_core.config import RunConfig
 from kotodama_core.report.html import compare_page, run_page
 from kotodama_core.report.summary import restore_layer_keys, summarize_run
 from stages.common import input_manifests, main
+from stages.registry import identity
 
 SINGLE_INPUTS = ("train", "eval", "export", "nca_train", "boundaries")
-
-
-def config_section(cfg: RunConfig) -> dict:
-    return {"report": cfg.section("report")}
 
 
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
@@ -54,7 +51,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     work = begin(out)
     (work / page_name).write_text(body, encoding="utf-8")
     (work / "summary.json").write_text(json.dumps(summaries, default=_jsonable, indent=1))
-    write_manifest(work, stage="report", config=config_section(cfg), inputs=manifests,
+    write_manifest(work, stage="report", **identity("report", cfg), inputs=manifests,
                    metrics={"notes": sum(len(s["notes"]) for s in summaries)}, extra={"page": page_name})
     return commit(out)
 

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kotodama_core.artifacts import (MANIFEST, ArtifactError, Manifest, begin, commit, partial_dir,
-                                     read_manifest, sha256_file, write_manifest)
+from kotodama_core.artifacts import (MANIFEST, ArtifactError, Manifest, begin, commit, input_digest,
+                                     partial_dir, read_manifest, write_manifest)
 from kotodama_core.config import RunConfig, dump_yaml
 from kotodama_core.train.checkpoint import artifact_weights
 from kotodama_core.train.distributed import barrier, init_distributed, shutdown
 from kotodama_core.train.engine import train
 from stages.common import main
+from stages.registry import config_section, identity
 
-SECTIONS = ("model", "optim", "schedule", "train")
 STAGE = "train"
-
-
-def config_section(cfg: RunConfig) -> dict:
-    return {s: cfg.section(s) for s in SECTIONS}
 
 
 def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, dict[str, Manifest]]:
@@ -37,7 +33,7 @@ def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, 
             return path, {}
         return None, {}
     if source.is_file() and source.name != MANIFEST:
-        digest_of_file = Manifest(source, {"digest": sha256_file(source), "stage": "file", "outputs": []})
+        digest_of_file = Manifest(source, {"digest": input_digest(source), "stage": "file", "outputs": []})
         return source, {"init": digest_of_file}
     manifest = read_manifest(source)
     return artifact_weights(manifest.root, cfg.train.init.step), {"init": manifest}
@@ -62,7 +58,8 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         if info.is_main:
             from stages.tracking import Tracker
             tracker = Tracker.from_env(work)
-            tracker.log_params({f"{sec}.{k}": v for sec in SECTIONS for k, v in cfg.section(sec).items()})
+            tracker.log_params({f"{sec}.{k}": v for sec, body in config_section(STAGE, cfg).items()
+                                for k, v in body.items()})
             sink = tracker.log_metrics
         try:
             result = train(cfg, data.root, work, init_path=init_path, on_metrics=sink, info=info)
@@ -76,7 +73,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
                 metrics["val_loss"] = result.val_loss
             if result.val_loss_averaged is not None:
                 metrics["val_loss_averaged"] = result.val_loss_averaged
-            write_manifest(work, stage=STAGE, config=config_section(cfg),
+            write_manifest(work, stage=STAGE, **identity(STAGE, cfg),
                            inputs={"data": data, **init_manifest}, metrics=metrics,
                            extra={"model_file": "model.pt.zst", "checkpoints": result.checkpoints,
                                   "milestones": list(cfg.train.checkpoint.milestones),

@@ -10,7 +10,7 @@ import pytest
 
 from flows.pipelines import build_plan  # noqa: E402
 from flows.launch import StageFailed, run_streaming, stage_command  # noqa: E402
-from flows.plan import downstream_of, resolve  # noqa: E402
+from stages.graph import downstream_of, resolve  # noqa: E402
 from kotodama_core.artifacts import ArtifactError, write_manifest  # noqa: E402
 from kotodama_core.config import ConfigError  # noqa: E402
 

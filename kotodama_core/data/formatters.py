@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from kotodama_core.errors import UserError
 
-class FormatError(ValueError):
+
+class FormatError(UserError, ValueError):
     """A record lacks a field its formatter needs, or the field has the wrong type."""
 
 

@@ -13,9 +13,10 @@ import pyarrow as pa
 
 from kotodama_core.artifacts import sha256_file
 from kotodama_core.data.shards import TOKENS, token_dtype
+from kotodama_core.errors import UserError
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A shard on disk does not match what its manifest says (width, dtype, readable Arrow file)."""
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from kotodama_core.data.config import DataConfig, SourceConfig
 from kotodama_core.data.formatters import FormatError, format_record
+from kotodama_core.errors import UserError
 
 MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
@@ -25,7 +26,7 @@ MISSING_TEXT = "missing_text"
 EMPTY_FILE = "empty_file"
 
 
-class DataInputError(ValueError):
+class DataInputError(UserError, ValueError):
     """A source's input is missing or bad; the message names the file and line."""
 
 

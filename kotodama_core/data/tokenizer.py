@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from kotodama_core.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
     """The tokenizer cannot be found or loaded."""
 
 

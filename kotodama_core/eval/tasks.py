@@ -14,6 +14,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from kotodama_core.errors import UserError
+
 LOCAL_FILES = {
     "arc_easy": "arc_easy.jsonl",
     "boolq": "boolq.jsonl",
@@ -29,7 +31,7 @@ MC_METRICS = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}
 ACC_ONLY = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
 
 
-class TaskDataError(FileNotFoundError):
+class TaskDataError(UserError, FileNotFoundError):
     """A task's local file is missing or malformed."""
 
 

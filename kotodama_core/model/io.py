@@ -17,13 +17,14 @@ from typing import Any
 import torch
 import zstandard
 
+from kotodama_core.errors import UserError
 from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.model.model import KotodamaLM
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, truncated, corrupt, or does not fit the model; the message says which."""
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from kotodama_core.errors import UserError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(UserError, ValueError):
     """Grid and patch sizes disagree, or a token stream is not a sequence of well-formed frames."""
 
 

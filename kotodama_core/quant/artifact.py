@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import zstandard
 
+from kotodama_core.errors import UserError
 from kotodama_core.quant.config import QuantBits
 from kotodama_core.quant.groups import FLOAT, bits_for
 from kotodama_core.quant.rowwise import (dequantize_rows, pack_bits, pack_int4, quantize_rows, unpack_bits,
@@ -37,7 +38,7 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 _FLOATS = {"fp16": torch.float16, "fp32": torch.float32}
 
 
-class QuantArtifactError(ValueError):
+class QuantArtifactError(UserError, ValueError):
     """A quantized artifact is unreadable or was written in an unknown layout."""
 
 

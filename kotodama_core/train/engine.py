@@ -26,6 +26,7 @@ import torch
 
 from kotodama_core.digest import digest
 from kotodama_core.data.loader import TokenLoader
+from kotodama_core.errors import UserError
 from kotodama_core.model import KotodamaLM
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
 from kotodama_core.optim.averaging import WeightAverager
@@ -45,7 +46,7 @@ FAULT_KILL_ENV = "KOTODAMA_FAULT_KILL_AT_STEP"
 AVERAGED_MODEL_FILE = "model_avg.pt.zst"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot start or go on (data/config mismatch, non-finite loss, ...)."""
 
 
