@@ -6,6 +6,7 @@ train, eval, report, export). Unknown keys anywhere are errors.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -46,12 +47,26 @@ class RunConfig(StrictModel):
         return value.model_dump(mode="json") if isinstance(value, StrictModel) else value
 
 
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a config section accepts at `loc` (the path of the offending key's parent)."""
+    model: Any = RunConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    """One line per problem, naming the dotted key; an unknown key gets its nearest known neighbour."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown config key {loc!r}")
+            near = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(tuple(err["loc"][:-1])), n=1)
+            hint = f" (did you mean {'.'.join([*map(str, err['loc'][:-1]), near[0]])!r}?)" if near else ""
+            lines.append(f"unknown config key {loc!r}{hint}")
         else:
             lines.append(f"{loc}: {err['msg']}")
     return f"{origin}: " + "; ".join(lines)

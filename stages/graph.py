@@ -19,7 +19,7 @@ arm's report shows the same NCA summary as a fullcorpus report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -213,7 +213,8 @@ def plan(name: str, preset: str, overrides: Mapping[str, Any] | None = None,
     if name == "bcpt":
         cfg = resolve("bcpt", preset, overrides)
         if init is None:
-            init = next(s for s in plan("fullcorpus", preset) if s.key == "train")
+            fc_train = next(s for s in plan("fullcorpus", preset) if s.key == "train")
+            init = replace(fc_train, key="fullcorpus.train")
         return build("bcpt", cfg, init=init)
     raise ConfigError(f"unknown pipeline {name!r}; choose one of {', '.join(DEPLOYED)}")
 

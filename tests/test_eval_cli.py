@@ -27,7 +27,7 @@ def test_lm_eval_cli_with_kotodama_model_offline(tmp_path, train):
         "doc_to_text: '{{query}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: gold\n"
         "metric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "kotodama_core.cli", "lm-eval", "--model", "kotodama",
+    cmd = [sys.executable, "-m", "stages.cli", "lm-eval", "--model", "kotodama",
            "--model_args", f"checkpoint={train},tokenizer={TOKENIZER},max_length=64", "--device", "cpu",
            "--tasks", "copa_local", "--include_path", str(tmp_path), "--limit", "4", "--output_path", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
@@ -38,12 +38,12 @@ def test_lm_eval_cli_with_kotodama_model_offline(tmp_path, train):
 
 
 def test_generate_command(train):
-    cmd = [sys.executable, "-m", "kotodama_core.cli", "generate", str(train), "Once upon a time",
+    cmd = [sys.executable, "-m", "stages.cli", "generate", str(train), "Once upon a time",
            "--max-new-tokens", "6", "--seed", "3", "--tokenizer", str(TOKENIZER)]
     a = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     b = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert a.returncode == 0, a.stderr[-2000:]
     assert a.stdout.startswith("Once upon a time") and a.stdout == b.stdout
-    bad = subprocess.run([sys.executable, "-m", "kotodama_core.cli", "generate", str(train / "nope.pt.zst"), "x"],
+    bad = subprocess.run([sys.executable, "-m", "stages.cli", "generate", str(train / "nope.pt.zst"), "x"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr
