@@ -1,13 +1,34 @@
 """The Kotodama model: config, decoder, Block Attention Residuals, RoPE and checkpoint I/O."""
 
-from kotodama_core.model.attnres import attn_res_read
-from kotodama_core.model.config import KotodamaConfig
-from kotodama_core.model.io import CheckpointError, load_model, load_pt_zst, save_pt_zst
-from kotodama_core.model.loss import chunked_lm_loss
-from kotodama_core.model.model import KotodamaLM
-from kotodama_core.model.norm import RMSNorm, rms_norm
-from kotodama_core.model.techniques import TechniquesConfig
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Imported on first use, so that reading a config (which imports the `config` submodule, and so this
+# package) does not import torch: `kotodama check` and config errors answer in well under 2 s.
+_EXPORTS = {
+    "attn_res_read": "kotodama_core.model.attnres",
+    "KotodamaConfig": "kotodama_core.model.config",
+    "CheckpointError": "kotodama_core.model.io",
+    "load_model": "kotodama_core.model.io",
+    "load_pt_zst": "kotodama_core.model.io",
+    "save_pt_zst": "kotodama_core.model.io",
+    "chunked_lm_loss": "kotodama_core.model.loss",
+    "KotodamaLM": "kotodama_core.model.model",
+    "RMSNorm": "kotodama_core.model.norm",
+    "rms_norm": "kotodama_core.model.norm",
+    "TechniquesConfig": "kotodama_core.model.techniques",
+}
 
 __all__ = ["KotodamaConfig", "KotodamaLM", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
            "RMSNorm", "rms_norm",
            "CheckpointError", "save_pt_zst", "load_pt_zst", "load_model"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
