@@ -68,7 +68,7 @@ _NCA_REPORT_INPUTS = {"nca_train": "nca_train", "boundaries": "boundaries"}
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("nca", "NCA rule search → trajectories → NCA pre-pretraining → AttnRes boundaries",
              _nca_chain("run"), init_modes=("scratch",), nca_chain="never"),
-    Pipeline("fullcorpus", "13-source data + NCA chain → fullcorpus training (nca_transfer) → eval → report",
+    Pipeline("fullcorpus", "text data + NCA chain → fullcorpus training (nca_transfer) → eval → report",
              (Node("data", "data"), *_nca_chain("nca"),
               Node("train", "train", {"data": "data", "init": "nca_train"}), _EVAL,
               Node("report", "report", {"train": "train", "eval": "eval", **_NCA_REPORT_INPUTS})),
