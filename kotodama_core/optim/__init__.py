@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kotodama_core.lazy import lazy_exports
 
 # Imported on first use, so that reading a config (which imports the `config` submodule, and so this
 # package) does not import torch: `kotodama check` and config errors answer in well under 2 s.
@@ -24,10 +23,4 @@ _EXPORTS = {
 __all__ = ["AdamWConfig", "MuonConfig", "OptimConfig", "ScheduleConfig", "HybridOptimizer", "build_optimizer",
            "split_parameters", "Muon", "ns_coefficients", "orthogonalize", "wsd_lr_multiplier"]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
