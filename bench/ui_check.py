@@ -1,6 +1,8 @@
-"""Headless-Chromium check of the Prefect and MLflow UIs: each page loads, shows the runs, logs no errors.
+"""Headless-Chromium check of the Prefect and MLflow UIs and of report pages: each page loads, shows what it
+should, logs no errors.
 
     python bench/ui_check.py [--out DIR]      (the stack must be up: python -m infra.stack up)
+    python bench/ui_check.py --report PATH/report.html [--out DIR]   (a report or comparison page; no stack)
 
 Drives Chromium through the DevTools protocol: navigates, waits for the page to settle, collects
 uncaught exceptions, console errors and error log entries (failed requests included), checks that the
@@ -94,7 +96,8 @@ class Browser:
                         returnByValue=True)
         return res.get("result", {}).get("value", "") or ""
 
-    def check(self, url: str, expect: list[str], screenshot: Path, settle: float = 20.0) -> PageResult:
+    def check(self, url: str, expect: list[str], screenshot: Path, settle: float = 20.0,
+              full_page: bool = False) -> PageResult:
         self.events.clear()
         self.call("Page.navigate", url=url)
         result = PageResult(url=url, screenshot=screenshot)
@@ -109,10 +112,15 @@ class Browser:
                 break
         result.missing = [e for e in expect if e not in found]
         result.errors = page_errors(self.events)
-        png = self.call("Page.captureScreenshot", format="png")["data"]
+        png = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=full_page,
+                        **({"clip": self.page_clip()} if full_page else {}))["data"]
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         screenshot.write_bytes(base64.b64decode(png))
         return result
+
+    def page_clip(self) -> dict:
+        size = self.call("Page.getLayoutMetrics")["cssContentSize"]
+        return {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
 
     def close(self) -> None:
         try:
@@ -192,15 +200,68 @@ def run_checks(urls: dict[str, str], out: Path) -> list[PageResult]:
         browser.close()
 
 
+# The section headings every report page shows, in page order (the NCA section only where there is one).
+REPORT_SECTIONS = ("Headline", "Evaluation", "Configuration", "Tracking: MLflow and Prefect", "Geometry",
+                   "Notes on missing or bad data")
+
+
+def check_report(page: Path, out: Path, expect: tuple[str, ...] = REPORT_SECTIONS,
+                 full_page: bool = True) -> PageResult:
+    """Open a report page from disk, check that every section heading is rendered and that nothing logs an
+    error, and save a (full-page) screenshot to `out/<page stem>.png`."""
+    binary = chromium_binary()
+    if binary is None:
+        raise RuntimeError("chromium not found (Debian: apt-get install -y chromium)")
+    browser = Browser(binary)
+    try:
+        result = browser.check(page.resolve().as_uri(), list(expect), out / f"{page.stem}.png", settle=5.0,
+                               full_page=full_page)
+        result.missing += section_order_problems(browser, expect)
+        return result
+    finally:
+        browser.close()
+
+
+def section_order_problems(browser: Browser, expect: tuple[str, ...]) -> list[str]:
+    """The rendered h2 headings must hold `expect` in that order (headline first, notes last)."""
+    res = browser.call("Runtime.evaluate", returnByValue=True,
+                       expression="Array.from(document.querySelectorAll('h2')).map(h => h.innerText)")
+    headings = res.get("result", {}).get("value") or []
+    positions = [next((i for i, h in enumerate(headings) if h.startswith(e)), None) for e in expect]
+    problems = [f"section {e!r} (no such h2)" for e, p in zip(expect, positions) if p is None]
+    found = [p for p in positions if p is not None]
+    if found != sorted(found):
+        problems.append(f"sections out of order: {headings}")
+    return problems
+
+
+def print_results(results: list[PageResult]) -> None:
+    for r in results:
+        print(f"{'PASS' if r.ok else 'FAIL'} {r.url}  screenshot {r.screenshot}")
+        for e in r.errors:
+            print(f"    error: {e}")
+        for m in r.missing:
+            print(f"    not shown: {m!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
 
-    from infra.stack import Stack, stack_env
-
     parser = argparse.ArgumentParser(prog="python bench/ui_check.py")
     parser.add_argument("--out", type=Path, default=Path("ui-check"))
+    parser.add_argument("--report", type=Path, action="append", default=[],
+                        help="check this report.html / compare.html page instead of the stack's UIs")
     args = parser.parse_args(argv)
+    if args.report:
+        t0 = time.monotonic()
+        results = [check_report(p, args.out) for p in args.report]
+        print_results(results)
+        print(f"{sum(r.ok for r in results)}/{len(results)} pages pass in {time.monotonic() - t0:.1f}s")
+        return 0 if all(r.ok for r in results) else 1
+
+    from infra.stack import Stack, stack_env
+
     stack = Stack.from_env()
     urls = stack.urls()
     if not urls:
@@ -209,12 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({k: v for k, v in stack_env(stack, urls).items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"})
     t0 = time.monotonic()
     results = run_checks(urls, args.out)
-    for r in results:
-        print(f"{'PASS' if r.ok else 'FAIL'} {r.url}  screenshot {r.screenshot}")
-        for e in r.errors:
-            print(f"    error: {e}")
-        for m in r.missing:
-            print(f"    not shown: {m!r}")
+    print_results(results)
     print(f"{sum(r.ok for r in results)}/{len(results)} pages pass in {time.monotonic() - t0:.1f}s")
     return 0 if all(r.ok for r in results) else 1
 

@@ -1,7 +1,9 @@
 """Report stage: a self-contained HTML page for one run, or a comparison page for several.
 
 One run:      --input train=<training artifact> [--input eval=<eval artifact>] [--input export=<export
-              artifact>]  -> report.html
+              artifact>] [--input nca_train=<NCA training artifact>] [--input boundaries=<boundaries
+              artifact>]  -> report.html: headline curves, eval with n and stderr, config and overrides,
+              NCA summary, MLflow / Prefect links (from the environment the stage runs in), geometry
 Comparison:   --input fc=<report artifact> --input bcpt=<report artifact> ...   -> compare.html
               (every input is a report artifact; the input names label the columns: the ablation
               deployment names them by arm)
@@ -11,11 +13,13 @@ Both write summary.json (the numbers behind the page). Missing or bad data shows
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from kotodama_core.artifacts import ArtifactError, begin, commit, write_manifest
 from kotodama_core.config import RunConfig
 from kotodama_core.report.html import compare_page, run_page
+from kotodama_core.report.links import tracking_links
 from kotodama_core.report.summary import restore_layer_keys, summarize_run
 from stages.common import input_manifests, main
 from stages.registry import identity
@@ -32,9 +36,11 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
         extra = set(manifests) - set(SINGLE_INPUTS)
         if extra:
             raise ArtifactError(f"report: unexpected input(s) {sorted(extra)} beside train/eval")
-        summary = summarize_run(manifests["train"].root if "train" in manifests else None,
-                                manifests["eval"].root if "eval" in manifests else None,
-                                export_dir=manifests["export"].root if "export" in manifests else None)
+        root = {name: m.root for name, m in manifests.items()}
+        summary = summarize_run(root.get("train"), root.get("eval"), export_dir=root.get("export"),
+                                nca_train_dir=root.get("nca_train"), boundaries_dir=root.get("boundaries"),
+                                report_config=cfg.model_dump(mode="json"),
+                                links=tracking_links(os.environ, root.get("train")))
         body, page_name, summaries = run_page(summary, rc.title, rc.smoothing), "report.html", [summary]
     else:
         summaries = []

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402,F401 - FuncFormatter for token counts
 
 
 def to_data_uri(fig) -> str:
@@ -75,3 +76,43 @@ def profile_plot(profiles: dict[str, dict[int, float | None]], title: str, ylabe
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return to_data_uri(fig)
+
+
+def curve_plot(curves, title: str, ylabel: str, *, x_is_tokens: bool, tokens_per_step: float | None = None,
+               logy: bool = False, smoothing: int = 1) -> str | None:
+    """Lines (or markers, for sparse curves) against tokens; with `tokens_per_step`, a second x axis on top
+    reads the step: step = tokens / tokens_per_step - 1 (the engine logs tokens seen after that step)."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.0))
+    drawn = 0
+    for c in curves:
+        if not c.xs:
+            continue
+        if c.points:
+            ax.plot(c.xs, c.ys, "o", ms=5, label=c.label, color=c.color)
+        else:
+            ax.plot(c.xs, moving_average(c.ys, smoothing), c.linestyle, label=c.label, color=c.color)
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(title=title, xlabel="tokens" if x_is_tokens else "step", ylabel=ylabel)
+    if logy:
+        ax.set_yscale("log", nonpositive="mask")  # a schedule that decays to 0 ends off the log axis
+    if x_is_tokens:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_short_count))
+        if tokens_per_step:
+            top = ax.secondary_xaxis("top", functions=(lambda t: t / tokens_per_step - 1,
+                                                       lambda s: (s + 1) * tokens_per_step))
+            top.set_xlabel("step", fontsize=8)
+            top.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    if drawn > 1:
+        ax.legend(fontsize=8)
+    return to_data_uri(fig)
+
+
+def _short_count(x: float, _pos: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:g}"

@@ -8,6 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from kotodama_core.eval.results import finite
+from kotodama_core.report.config_summary import config_summary, read_run_config
+from kotodama_core.report.curves import tokens_per_step
+from kotodama_core.report.eval_rows import eval_rows
+from kotodama_core.report.nca_summary import nca_summary
 
 LAYER_KEY = re.compile(r"^L(\d+)/(.+)$")
 
@@ -58,6 +62,7 @@ def headline(train_dir: Path | None, metrics: list[dict[str, Any]], val_bpb: flo
     tail = losses[-max(1, len(losses) // 10):] if losses else []
     # The first logged interval holds start-up (data loader, compile); throughput is the median of the rest.
     speeds = [v for v in (finite(r.get("tokens_per_s")) for r in metrics[1:] or metrics) if v is not None]
+    mfus = [v for v in (finite(r.get("mfu")) for r in metrics[1:] or metrics) if v is not None]
     model_file = train_dir / manifest.get("model_file", "model.pt.zst") if train_dir is not None else None
     out: dict[str, Any] = {
         "final_loss": finite(final.get("final_loss")) if "final_loss" in final else (losses[-1] if losses else None),
@@ -65,6 +70,7 @@ def headline(train_dir: Path | None, metrics: list[dict[str, Any]], val_bpb: flo
         "val_loss": finite(final.get("val_loss")),
         "val_bpb": val_bpb,
         "tokens_per_s": _median(speeds),
+        "mfu": _median(mfus),
         "tokens_seen": final.get("tokens_seen"),
         "steps": final.get("steps"),
         "model_bytes": model_file.stat().st_size if model_file is not None and model_file.is_file() else None,
@@ -81,33 +87,61 @@ def headline(train_dir: Path | None, metrics: list[dict[str, Any]], val_bpb: flo
     return out
 
 
+def _read_manifest(folder: Path | None, notes: list[str]) -> dict[str, Any] | None:
+    if folder is None:
+        return None
+    path = folder / "manifest.json"
+    if not path.is_file():
+        notes.append(f"{folder}: no manifest.json")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        notes.append(f"{path} is not valid JSON")
+        return None
+
+
 def summarize_run(train_dir: Path | None, eval_dir: Path | None, name: str | None = None,
-                  export_dir: Path | None = None) -> dict[str, Any]:
+                  export_dir: Path | None = None, *, nca_train_dir: Path | None = None,
+                  boundaries_dir: Path | None = None, report_config: dict[str, Any] | None = None,
+                  configs_root: Path | None = None, links: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything one run's page shows, as JSON-able data (summary.json keeps it for comparison pages).
+
+    `report_config` (the report stage's resolved config) stands in for the run's config when the training
+    artifact has no config.yaml; `configs_root` is where the run's base config file is looked up."""
+    from kotodama_core.config_tree import CONFIGS_ROOT
+
     notes: list[str] = []
     summary: dict[str, Any] = {"name": name, "notes": notes, "metrics": [], "geo": [], "eval_rows": [],
-                               "eval_errors": {}, "val_bpb": None}
+                               "eval_errors": {}, "val_bpb": None, "links": links or {"mlflow": [], "prefect": None}}
+    manifest = None
     if train_dir is None:
         notes.append("no training artifact given")
     else:
-        manifest = train_dir / "manifest.json"
-        if manifest.is_file():
-            data = json.loads(manifest.read_text())
-            summary["name"] = summary["name"] or data.get("run_name") or train_dir.name
-            summary["train_digest"] = data.get("digest")
-        else:
-            notes.append(f"{train_dir}: no manifest.json")
+        manifest = _read_manifest(train_dir, notes)
+        if manifest is not None:
+            summary["train_digest"] = manifest.get("digest")
         summary["metrics"] = read_jsonl(train_dir / "metrics.jsonl", notes)
         summary["geo"] = read_jsonl(train_dir / "geo_metrics.jsonl", notes)
+    run_config = read_run_config(train_dir, notes) or report_config
+    summary["run_config"] = run_config
+    summary["config"] = (config_summary(run_config, manifest, configs_root or CONFIGS_ROOT, notes)
+                         if run_config else None)
+    summary["name"] = (summary["name"] or (summary["config"] or {}).get("name") or (manifest or {}).get("run_name")
+                       or (train_dir.name if train_dir is not None else None) or "run")
+    summary["title"] = (summary["config"] or {}).get("title") or summary["name"]
     if eval_dir is None:
         notes.append("no eval artifact given")
     elif not (eval_dir / "results.json").is_file():
         notes.append(f"{eval_dir}: results.json missing")
     else:
         res = json.loads((eval_dir / "results.json").read_text())
-        summary["eval_rows"] = res.get("rows", [])
+        summary["eval_rows"] = eval_rows(res)
         summary["eval_errors"] = res.get("errors", {})
         summary["val_bpb"] = (res.get("val_bpb") or {}).get("val_bpb")
-    summary["name"] = summary["name"] or "run"
+    summary["nca"] = nca_summary(nca_train_dir, boundaries_dir, run_config, notes)
+    gbt = ((run_config or {}).get("train") or {}).get("global_batch_tokens")
+    summary["tokens_per_step"] = tokens_per_step(summary["metrics"], gbt if isinstance(gbt, int) else None)
     geo_last = summary["geo"][-1] if summary["geo"] else {}
     summary["final_geo"] = geo_last
     summary["profiles"] = {
