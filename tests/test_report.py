@@ -161,7 +161,7 @@ def test_eval_table_shows_n_and_stderr(runs):
 def test_config_section_names_the_run_and_its_overrides(runs):
     _, _, pages = runs
     conf = section((pages[0] / "report.html").read_text(), "configuration")
-    assert "<code>fullcorpus-tiny</code>" in conf and "fullcorpus-tiny.yaml" in conf
+    assert "<code>fullcorpus-tiny</code>" in conf and "<code>configs/runs/fullcorpus-tiny.yaml</code>" in conf
     assert "Overrides (1)" in conf
     assert "<code>optim.muon.lr</code></td><td class=\"l\"><code>0.02</code></td><td class=\"l\"><code>0.03</code>" \
         in conf

@@ -94,6 +94,13 @@ def run_title(name: str, preset: str, overrides: list[dict[str, Any]]) -> str:
     return " · ".join(parts)
 
 
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
 def config_summary(run_config: dict[str, Any], train_manifest: dict[str, Any] | None, configs_root: Path,
                    notes: list[str]) -> dict[str, Any]:
     """Name, preset, pipeline, digests, code version, base file and overrides of one run, and its title."""
@@ -108,7 +115,7 @@ def config_summary(run_config: dict[str, Any], train_manifest: dict[str, Any] | 
         "config_digest": digest(run_config),
         "train_digest": manifest.get("digest"),
         "code_version": manifest.get("code_version"),
-        "base_path": str(base_path) if base_path is not None else None,
+        "base_path": _relative(base_path, configs_root.parent) if base_path is not None else None,
         "base_found": base is not None,
         "overrides": overrides,
     }

@@ -19,7 +19,7 @@ th{background:#f3f3f3}td:first-child,th:first-child,.l{text-align:left}.note{bac
 border-left:4px solid #e0a000;padding:4px 8px;margin:4px 0}.diff{background:#ffe0e0;font-weight:bold}
 .pm{color:#666;font-size:.9em}code{font-size:.9em}img{max-width:100%}section{margin-bottom:1em}
 .grid{display:grid;grid-template-columns:repeat(2,minmax(0,1fr));gap:6px 14px;align-items:start}
-table.facts td:first-child{color:#555}"""
+table.facts td:first-child{color:#555}img.tall{max-height:640px;width:auto}"""
 
 
 def esc(x: Any) -> str:
@@ -52,8 +52,9 @@ def facts(rows: list[tuple[str, str]]) -> str:
     return f'<table class="facts">{body}</table>'
 
 
-def img(uri: str | None, what: str) -> str:
-    return f'<img alt="{esc(what)}" src="{uri}">' if uri else note(f"{what}: no data to plot")
+def img(uri: str | None, what: str, cls: str = "") -> str:
+    klass = f' class="{esc(cls)}"' if cls else ""
+    return f'<img alt="{esc(what)}"{klass} src="{uri}">' if uri else note(f"{what}: no data to plot")
 
 
 def link(url: str | None, text: str) -> str:
@@ -128,7 +129,7 @@ def compare_page(runs: list[dict[str, Any]], title: str, rel: float) -> str:
                                                  lambda: sec.config_compare(named), "configuration")),
     ]
     if any(r.get("nca") for r in runs):
-        parts.append(("nca", "NCA", panel("NCA pre-pretraining", lambda: sec.nca_compare(named, rel), "nca")))
+        parts.append(("nca", "NCA", panel("NCA pre-pretraining", lambda: sec.nca_compare(named), "nca")))
     parts += [
         ("tracking", "Tracking", panel("Tracking: MLflow and Prefect", lambda: sec.links_compare(named),
                                        "tracking")),

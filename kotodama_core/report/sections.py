@@ -253,18 +253,19 @@ def nca_single(nca: dict[str, Any]) -> str:
         out += (f"<p class=pm>This run's model.attn_res_boundaries {_value(used)} are not the block starts the NCA "
                 f"model's geometry suggests {_value(found)}.</p>")
     if nca.get("profile_png"):
-        profile = img(png_data_uri(nca["profile_png"]), "NCA layer profile and gap scores (red: block starts)")
+        profile = img(png_data_uri(nca["profile_png"]), "NCA layer profile and gap scores (red: block starts)",
+                      cls="tall")
         out = f'<div class="grid"><div>{out}</div><div>{profile}</div></div>'
     return out
 
 
-def nca_compare(runs: Runs, rel: float) -> str:
+def nca_compare(runs: Runs) -> str:
     tables = [_nca_rows(s["nca"]) if s.get("nca") else None for _, s in runs]
     template = next(t for t in tables if t is not None)
     rows = []
     for i, (part, quantity, _) in enumerate(template):
         rows.append([esc(f"{part}: {quantity}")] + [t[i][2] if t is not None else "–" for t in tables])
-    return table(["", *[n for n, _ in runs]], rows, left=len(runs) + 1)
+    return table(["", *[n for n, _ in runs]], rows)
 
 
 # -- tracking links ------------------------------------------------------------------------------------
