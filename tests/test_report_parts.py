@@ -151,3 +151,20 @@ def test_nca_summary_follows_the_manifest_chain_from_the_boundaries(tmp_path):
     (search / "manifest.json").unlink()
     assert nca_summary(train, None, None, notes)["search"] == {}
     assert any("rule search" in n for n in notes)
+
+
+def test_an_ablation_arm_is_compared_with_its_specs_base_run_config():
+    from kotodama_core.config import load_config
+    from kotodama_core.config_tree import CONFIGS_ROOT
+    from kotodama_core.report.config_summary import config_summary
+
+    arm = load_config(CONFIGS_ROOT / "runs/fullcorpus-tiny.yaml",
+                      {"name": "tiny.adamw", "optim.kind": "adamw", "train.steps": 12}).model_dump(mode="json")
+    notes: list[str] = []
+    c = config_summary(arm, None, CONFIGS_ROOT, notes)
+    assert notes == []
+    assert c["title"] == "tiny ablation · arm adamw · tiny"
+    assert c["ablation"] == {"name": "tiny", "arm": "adamw"} and c["base_path"] == "configs/runs/fullcorpus-tiny.yaml"
+    assert [(o["key"], o["value"]) for o in c["overrides"]] == [("optim.kind", "adamw"), ("train.steps", 12)]
+    plain = config_summary({**arm, "name": "nowhere.arm"}, None, CONFIGS_ROOT, notes)
+    assert plain["ablation"] is None and not plain["base_found"] and plain["title"] == "nowhere.arm · tiny"

@@ -3,8 +3,9 @@
 The run's resolved config is the training artifact's config.yaml (the report stage's own config when there
 is none). Its base is the run config file of the same name, configs/runs/<name>.yaml, resolved by the
 current checkout: the keys whose values differ are the overrides that made this run (deployment
-`overrides`, `--set` on a stage command line). Ablation arms are named `<ablation>.<arm>` and have no such
-file; the comparison page lists the keys that differ between arms instead.
+`overrides`, `--set` on a stage command line). An ablation arm is named `<ablation>.<arm>`; its base is
+the `base:` run config of configs/ablations/<ablation>.yaml, so its overrides are the ablation's common
+ones, the token budget's step count and the arm's own.
 """
 
 from __future__ import annotations
@@ -46,13 +47,33 @@ def read_run_config(train_dir: Path | None, notes: list[str]) -> dict[str, Any] 
     return tree if isinstance(tree, dict) else None
 
 
+def ablation_arm(name: str, configs_root: Path) -> tuple[str, str, Path] | None:
+    """(ablation, arm, base run config path) when `name` is `<ablation>.<arm>` of configs/ablations/<ablation>.yaml."""
+    spec_name, dot, arm = name.rpartition(".")
+    spec = configs_root / "ablations" / f"{spec_name}.yaml"
+    if not dot or not spec.is_file():
+        return None
+    try:
+        base = (yaml.safe_load(spec.read_text()) or {}).get("base")
+    except yaml.YAMLError:
+        return None
+    if not isinstance(base, str):
+        return None
+    path = configs_root / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
+    return (spec_name, arm, path) if path.is_file() else None
+
+
 def base_config(name: str, configs_root: Path, notes: list[str]) -> tuple[Path | None, dict[str, Any] | None]:
-    """configs/runs/<name>.yaml resolved (extends merged, defaults filled), or (None, None)."""
+    """The run's base config resolved (extends merged, defaults filled): configs/runs/<name>.yaml, or an
+    ablation arm's base run config; (None, None) when there is none."""
     from kotodama_core.config import ConfigError, load_config
 
     path = configs_root / "runs" / f"{name}.yaml"
     if not path.is_file():
-        return None, None
+        arm = ablation_arm(name, configs_root)
+        if arm is None:
+            return None, None
+        path = arm[2]
     try:
         return path, load_config(path).model_dump(mode="json")
     except ConfigError as exc:
@@ -81,8 +102,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def run_title(name: str, preset: str, overrides: list[dict[str, Any]]) -> str:
-    """`fullcorpus · tiny · optim.muon.lr=0.03`: pipeline, preset, then the overrides that made the run."""
+def run_title(name: str, preset: str, overrides: list[dict[str, Any]], arm: tuple[str, str] | None = None) -> str:
+    """`fullcorpus · tiny · optim.muon.lr=0.03`: pipeline, preset, then the overrides that made the run;
+    an ablation arm is `tiny ablation · arm adamw · tiny` (its overrides are listed in the config section)."""
+    if arm is not None:
+        return " · ".join([f"{arm[0]} ablation", f"arm {arm[1]}", *([preset] if preset != "custom" else [])])
     parts = [pipeline_of(name, preset)]
     if preset and preset != "custom":
         parts.append(preset)
@@ -108,10 +132,12 @@ def config_summary(run_config: dict[str, Any], train_manifest: dict[str, Any] | 
     preset = str(run_config.get("preset") or "custom")
     base_path, base = base_config(name, configs_root, notes)
     overrides = config_differences(base, run_config) if base is not None else []
+    arm = ablation_arm(name, configs_root) if not (configs_root / "runs" / f"{name}.yaml").is_file() else None
     manifest = train_manifest or {}
     return {
-        "name": name, "preset": preset, "pipeline": pipeline_of(name, preset),
-        "title": run_title(name, preset, overrides),
+        "name": name, "preset": preset, "pipeline": "ablation" if arm else pipeline_of(name, preset),
+        "ablation": {"name": arm[0], "arm": arm[1]} if arm else None,
+        "title": run_title(name, preset, overrides, arm[:2] if arm else None),
         "config_digest": digest(run_config),
         "train_digest": manifest.get("digest"),
         "code_version": manifest.get("code_version"),

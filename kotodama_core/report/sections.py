@@ -178,15 +178,18 @@ def config_single(s: dict[str, Any]) -> str:
     c = s.get("config")
     if not c:
         return note("no run config (no config.yaml in the training artifact and none given)")
+    ablation = c.get("ablation")
     out = facts([("run name", f"<code>{esc(c['name'])}</code>"), ("preset", esc(c["preset"])),
-                 ("pipeline", esc(c["pipeline"])), ("config digest", _short_digest(c.get("config_digest"))),
+                 ("pipeline", esc(c["pipeline"])),
+                 *([("ablation / arm", f"<code>configs/ablations/{esc(ablation['name'])}.yaml</code> / "
+                                       f"{esc(ablation['arm'])}")] if ablation else []),
+                 ("config digest", _short_digest(c.get("config_digest"))),
                  ("training artifact", _short_digest(c.get("train_digest"))),
                  ("code version", esc(c.get("code_version") or "–")),
                  ("base config", f"<code>{esc(c['base_path'])}</code>" if c.get("base_path") else "–")])
     if not c.get("base_found"):
-        return out + note(f"no base config configs/runs/{c['name']}.yaml to compare with (an ablation arm is "
-                          f"named <ablation>.<arm>): overrides unknown; the comparison page lists what differs "
-                          f"between arms")
+        return out + note(f"no base config configs/runs/{c['name']}.yaml (nor an ablation arm's) to compare "
+                          f"with: overrides unknown")
     overrides = c.get("overrides") or []
     if not overrides:
         return out + f"<p>No overrides: the run is <code>{esc(c['base_path'])}</code> as it is.</p>"
@@ -340,13 +343,14 @@ def _weights(runs: Runs, rel: float) -> str:
 
     items = [(f"L{layer} {p}", [s["profiles"]["stable_rank"][p].get(layer) for _, s in runs]) for p in PROJ
              for layer in sorted({k for _, s in runs for k in s["profiles"]["stable_rank"][p]})]
-    return table(["Matrix", *[n for n, _ in runs]], _compare_rows(items, rel, 1)) if items else note("no data")
+    return "<p>Stable rank ‖W‖F²/σmax² per matrix</p>" + (
+        table(["Matrix", *[n for n, _ in runs]], _compare_rows(items, rel, 1)) if items else note("no data"))
 
 
 def _attention(runs: Runs, rel: float) -> str:
     if len(runs) > 1:
         return ("<p>Mean attention entropy over heads (nats)</p>" + _profile_compare(runs, "attn_entropy_mean", rel, 2)
-                + "<p>BOS attention mass</p>" + _profile_compare(runs, "bos_mass", rel))
+                + "<p>BOS mass (attention to the first token)</p>" + _profile_compare(runs, "bos_mass", rel))
     s = runs[0][1]
     prof = s["profiles"]
     entropy = img(profile_plot({"entropy (nats)": prof["attn_entropy_mean"]}, "attention entropy", "nats"),
