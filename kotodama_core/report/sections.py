@@ -303,11 +303,13 @@ def links_compare(runs: Runs) -> str:
 def _rankme_plot(runs: Runs) -> str | None:
     fig, ax = plt.subplots(figsize=(5.4, 3.0))
     drawn = False
-    for name, s in runs:
-        for key in ("embed/rankme", "final/rankme"):
+    for i, (name, s) in enumerate(runs):
+        for key, style in (("embed/rankme", "-"), ("final/rankme", "--")):
             xs, ys = _series(s.get("geo") or [], key)
             if xs:
-                ax.plot(xs, ys, marker=".", label=f"{name} {key}" if len(runs) > 1 else key)
+                many = len(runs) > 1
+                ax.plot(xs, ys, style, marker=".", label=f"{name} {key}" if many else key,
+                        color=f"C{i % 10}" if many else None)
                 drawn = True
     if not drawn:
         plt.close(fig)
