@@ -232,3 +232,23 @@ def test_comparison_page_is_headline_first_and_lists_config_differences(tmp_path
     conf = section(html, "configuration")
     assert "Keys that differ (1)" in conf and "<code>optim.muon.lr</code>" in conf
     assert "could not build" not in html
+
+
+def test_comparison_reads_summaries_written_before_the_headline_sections(tmp_path, runs):
+    cfg, _, pages = runs
+    old = []
+    for i, page in enumerate(pages):
+        s = json.loads((page / "summary.json").read_text())[0]
+        for key in ("config", "run_config", "links", "nca", "tokens_per_step", "title"):
+            s.pop(key)
+        s["eval_rows"] = [{k: r[k] for k in ("benchmark", "metric", "value", "stderr")} for r in s["eval_rows"]]
+        folder = tmp_path / f"old{i}"
+        shutil.copytree(page, folder)
+        (folder / "summary.json").write_text(json.dumps([s]))
+        old.append(folder)
+    report_stage.run(cfg, {"a": old[0], "b": old[1]}, tmp_path / "cmp")
+    html = (tmp_path / "cmp" / "compare.html").read_text()
+    assert section_ids(html) == [s for s in SECTION_IDS if s != "nca"]
+    assert "could not build" not in html
+    assert section(html, "tracking").count("not tracked") == 4
+    assert section(html, "headline").count('src="data:image/png;base64,') == 4
