@@ -227,6 +227,8 @@ def test_comparison_page_is_headline_first_and_lists_config_differences(tmp_path
     assert "<th>fc</th>" in html and "<th>bcpt</th>" in html
     ev = section(html, "evaluation")
     assert '<span class="diff">0.550</span> <span class="pm">± 0.114†</span>' in ev   # COPA acc 0.55 vs 0.70
+    # (0.70 - 0.55) / sqrt(0.1141² + 0.1051²) = 0.97: within the noise of 20 examples
+    assert re.search(r"COPA acc</td>.*?<td>1\.0</td></tr>", ev), ev
     head = section(html, "headline")
     assert head.count('src="data:image/png;base64,') == 4
     conf = section(html, "configuration")

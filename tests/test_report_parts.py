@@ -168,3 +168,24 @@ def test_an_ablation_arm_is_compared_with_its_specs_base_run_config():
     assert [(o["key"], o["value"]) for o in c["overrides"]] == [("optim.kind", "adamw"), ("train.steps", 12)]
     plain = config_summary({**arm, "name": "nowhere.arm"}, None, CONFIGS_ROOT, notes)
     assert plain["ablation"] is None and not plain["base_found"] and plain["title"] == "nowhere.arm · tiny"
+
+
+def test_spread_in_stderrs_is_the_gap_over_the_stderr_of_the_difference():
+    from kotodama_core.report.sections import spread_in_stderrs
+
+    cells = [{"value": 0.55, "stderr": 0.03}, {"value": 0.70, "stderr": 0.04}, {"value": 0.6, "stderr": None}]
+    assert spread_in_stderrs(cells) == pytest.approx(0.15 / 0.05)
+    assert spread_in_stderrs([{"value": 0.5, "stderr": None}, {"value": 0.6, "stderr": 0.1}]) is None
+    assert spread_in_stderrs([{"value": 0.5, "stderr": 0.1}, {}]) is None
+
+
+def test_headline_reads_the_training_manifest_and_medians_of_the_logs(tmp_path):
+    from kotodama_core.report.summary import headline
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"metrics": {
+        "final_loss": 9.2, "val_loss": 9.1, "val_loss_averaged": 9.0, "tokens_seen": 5120, "steps": 10}}))
+    h = headline(tmp_path, ENGINE_ROWS + [{"step": 9, "loss": 10.4, "tokens_per_s": 1300.0, "mfu": 0.2}],
+                 None, None, [])
+    assert (h["final_loss"], h["val_loss"], h["val_loss_averaged"]) == (9.2, 9.1, 9.0)
+    assert h["tokens_per_s"] == 1200.0          # median of the rows after the first (start-up) one
+    assert h["mfu"] == 0.2 and h["model_bytes"] is None

@@ -19,7 +19,8 @@ CONFIG_ROWS_MAX = 80
 
 # (label, headline key, digits; None = an integer count shown with thousands separators)
 HEADLINE = (("final training loss", "final_loss", 4), ("training loss, last 10 % of logs", "tail_loss", 4),
-            ("val loss (training run)", "val_loss", 4), ("val bits/byte (eval)", "val_bpb", 4),
+            ("val loss (training run)", "val_loss", 4),
+            ("val loss, averaged weights (EMA/SWA)", "val_loss_averaged", 4), ("val bits/byte (eval)", "val_bpb", 4),
             ("throughput, tokens/s (median)", "tokens_per_s", 0), ("MFU (median)", "mfu", 4),
             ("tokens seen", "tokens_seen", None), ("steps", "steps", None), ("model file bytes", "model_bytes", None),
             ("quantized artifact bytes", "quant_bytes", None), ("artifact + code bytes", "quant_total_bytes", None),
@@ -137,6 +138,21 @@ def eval_single(s: dict[str, Any]) -> str:
     return out + "".join(note(f"{t}: {m}") for t, m in (s.get("eval_errors") or {}).items())
 
 
+def spread_in_stderrs(cells: list[dict[str, Any]]) -> float | None:
+    """How far apart the best and worst run are, in standard errors of their difference:
+    z = (v_max − v_min) / sqrt(se_max² + se_min²). Below about 2 the gap is within sampling noise.
+    None unless both ends have a value and a standard error (and they are not both 0)."""
+    known = [c for c in cells if _number(c.get("value")) is not None]
+    if len(known) < 2:
+        return None
+    lo = min(known, key=lambda c: c["value"])
+    hi = max(known, key=lambda c: c["value"])
+    if lo.get("stderr") is None or hi.get("stderr") is None:
+        return None
+    scale = (lo["stderr"] ** 2 + hi["stderr"] ** 2) ** 0.5
+    return (hi["value"] - lo["value"]) / scale if scale > 0 else None
+
+
 def eval_compare(runs: Runs, rel: float) -> str:
     keys: list[tuple[str, str]] = []
     for _, s in runs:
@@ -148,14 +164,18 @@ def eval_compare(runs: Runs, rel: float) -> str:
     for b, m in keys:
         cells = [lk.get((b, m)) or {} for lk in lookup]
         cls = ' class="diff"' if differs([c.get("value") for c in cells], rel) else ""
+        z = spread_in_stderrs(cells)
         rows.append([f"{esc(b)} {esc(m)}"] + [
             f"<span{cls}>{num(c.get('value'))}</span>"
             + (f' <span class="pm">{_stderr_cell(c)}</span>' if c.get("stderr") is not None else "")
-            + (f' <span class="pm">n={c["n"]:,}</span>' if c.get("n") is not None else "") for c in cells])
+            + (f' <span class="pm">n={c["n"]:,}</span>' if c.get("n") is not None else "") for c in cells]
+            + [f"{z:.1f}" if z is not None else '<span class="pm">–</span>'])
     bpb = [s.get("val_bpb") for _, s in runs]
     cls = ' class="diff"' if differs(bpb, rel) else ""
-    rows.append(["val bits/byte"] + [f"<span{cls}>{num(v)}</span>" for v in bpb])
-    out = table(["Benchmark / metric", *[n for n, _ in runs]], rows)
+    rows.append(["val bits/byte"] + [f"<span{cls}>{num(v)}</span>" for v in bpb] + ['<span class="pm">–</span>'])
+    out = table(["Benchmark / metric", *[n for n, _ in runs], "spread / stderr"], rows)
+    out += ("<p class=pm>spread / stderr: (best − worst) / sqrt(se_best² + se_worst²); below about 2 the runs "
+            "differ by no more than sampling noise on this many examples.</p>")
     if any(r.get("stderr_source") == "binomial" for _, s in runs for r in s.get("eval_rows") or []):
         out += f"<p class=pm>{esc(BINOMIAL_NOTE)}</p>"
     return out

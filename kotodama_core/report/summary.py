@@ -68,6 +68,7 @@ def headline(train_dir: Path | None, metrics: list[dict[str, Any]], val_bpb: flo
         "final_loss": finite(final.get("final_loss")) if "final_loss" in final else (losses[-1] if losses else None),
         "tail_loss": sum(tail) / len(tail) if tail else None,
         "val_loss": finite(final.get("val_loss")),
+        "val_loss_averaged": finite(final.get("val_loss_averaged")),
         "val_bpb": val_bpb,
         "tokens_per_s": _median(speeds),
         "mfu": _median(mfus),
