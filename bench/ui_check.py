@@ -1,7 +1,8 @@
 """Headless-Chromium check of the Prefect and MLflow UIs and of report pages: each page loads, shows what it
 should, logs no errors.
 
-    python bench/ui_check.py [--out DIR]      (the stack must be up: python -m infra.stack up)
+    python bench/ui_check.py [--out DIR]      (the stack must be up: python -m infra.stack up; the newest
+                                              report page under KOTODAMA_HOME is checked too)
     python bench/ui_check.py --report PATH/report.html [--out DIR]   (a report or comparison page; no stack)
 
 Drives Chromium through the DevTools protocol: navigates, waits for the page to settle, collects
@@ -235,6 +236,14 @@ def section_order_problems(browser: Browser, expect: tuple[str, ...]) -> list[st
     return problems
 
 
+def newest_report() -> Path | None:
+    """The most recently written report.html under KOTODAMA_HOME's report artifacts, if any."""
+    from kotodama_core.artifacts import kotodama_home
+
+    pages = list((kotodama_home() / "artifacts" / "report").glob("*/report.html"))
+    return max(pages, key=lambda p: p.stat().st_mtime) if pages else None
+
+
 def print_results(results: list[PageResult]) -> None:
     for r in results:
         print(f"{'PASS' if r.ok else 'FAIL'} {r.url}  screenshot {r.screenshot}")
@@ -270,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update({k: v for k, v in stack_env(stack, urls).items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"})
     t0 = time.monotonic()
     results = run_checks(urls, args.out)
+    report = newest_report()
+    if report is not None:  # the pipeline's own page, beside the UIs that link to it
+        results.append(check_report(report, args.out))
     print_results(results)
     print(f"{sum(r.ok for r in results)}/{len(results)} pages pass in {time.monotonic() - t0:.1f}s")
     return 0 if all(r.ok for r in results) else 1

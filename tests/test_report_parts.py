@@ -189,3 +189,18 @@ def test_headline_reads_the_training_manifest_and_medians_of_the_logs(tmp_path):
     assert (h["final_loss"], h["val_loss"], h["val_loss_averaged"]) == (9.2, 9.1, 9.0)
     assert h["tokens_per_s"] == 1200.0          # median of the rows after the first (start-up) one
     assert h["mfu"] == 0.2 and h["model_bytes"] is None
+
+
+def test_ui_check_picks_the_newest_report_page(tmp_path, monkeypatch):
+    import os
+
+    from bench.ui_check import newest_report
+
+    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path))
+    assert newest_report() is None
+    for digest, mtime in (("aaa", 1000), ("bbb", 3000), ("ccc", 2000)):
+        page = tmp_path / "artifacts" / "report" / digest / "report.html"
+        page.parent.mkdir(parents=True)
+        page.write_text("<html></html>")
+        os.utime(page, (mtime, mtime))
+    assert newest_report() == tmp_path / "artifacts" / "report" / "bbb" / "report.html"
