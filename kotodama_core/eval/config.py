@@ -7,11 +7,10 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from kotodama_core.eval.tasks import KNOWN_TASKS
 from kotodama_core.schema import StrictModel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KNOWN_TASKS = ("arc_easy", "boolq", "copa", "hellaswag", "lambada_openai", "piqa", "sciq", "wikitext",
-               "winogrande")
 
 
 class ValBpbConfig(StrictModel):
