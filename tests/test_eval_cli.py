@@ -47,3 +47,19 @@ def test_generate_command(train):
     bad = subprocess.run([sys.executable, "-m", "stages.cli", "generate", str(train / "nope.pt.zst"), "x"],
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "checkpoint not found" in bad.stderr
+
+
+def test_documented_lm_eval_command_reads_the_local_task_file_offline(tmp_path, train):
+    """`kotodama lm-eval --model kotodama --model_args checkpoint=… --tasks arc_easy` as the README shows it,
+    with the hub unreachable: the local ARC-Easy file serves it."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stages.cli", "lm-eval", "--model", "kotodama",
+           "--model_args", f"checkpoint={train},tokenizer={TOKENIZER},max_length=64", "--tasks", "arc_easy,copa",
+           "--device", "cpu", "--limit", "4", "--output_path", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                               "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "arc_easy" in proc.stdout and "acc" in proc.stdout and "local task files" in proc.stdout
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert 0.0 <= results["arc_easy"]["acc,none"] <= 1.0 and 0.0 <= results["copa"]["acc,none"] <= 1.0
