@@ -91,7 +91,7 @@ _DATA_IN = InputSpec("data", ("data",), help="the tokenized evaluation mix (val_
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("data", "stages.data", "sources → cleaned, tokenized, shuffled Arrow shards",
-              _data_section, outputs=("train/", "val/")),
+              _data_section, outputs=("train/", "val/"), content=_data_content),
     StageSpec("nca_search", "stages.nca_search", "sample NCA rules, keep those whose gzip ratio passes",
               _nca_search_section, outputs=("rule_bank.pt", "rule_bank.json", "scores.npy")),
     StageSpec("nca_data", "stages.nca_data", "NCA trajectories of the rule bank → token shards",

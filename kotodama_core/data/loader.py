@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from kotodama_core.artifacts import ArtifactError
+from kotodama_core.data.provenance import verify_shard
 from kotodama_core.data.shards import TOKENS
 
 
@@ -55,6 +56,28 @@ def _open_shard(path: Path, rows: int, window: int, dtype: str) -> np.ndarray:
     return values.reshape(rows, window)
 
 
+_ids_checked: set[tuple[str, int, int]] = set()
+
+
+def _verified_shard(path: Path, record: dict[str, Any], window: int, dtype: str, vocab: int | None) -> np.ndarray:
+    """A shard whose bytes match its manifest record and whose token ids all lie inside the vocabulary
+    (both checked once per process and file state: the first open of a 10 GB corpus pays one pass)."""
+    if not path.is_file():
+        raise ArtifactError(f"shard missing: {path}")
+    verify_shard(path, record.get("sha256"))
+    windows = _open_shard(path, int(record["rows"]), window, dtype)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if vocab is not None and key not in _ids_checked:
+        flat = windows.reshape(-1)
+        if flat.size and int(flat.max()) >= vocab:
+            pos = int(np.argmax(flat >= vocab))
+            raise ArtifactError(f"shard {path}: token id {int(flat[pos])} at position {pos} (window {pos // window}, "
+                                f"offset {pos % window}) is outside the vocabulary of {vocab}")
+        _ids_checked.add(key)
+    return windows
+
+
 class _Windows:
     """All windows of one split as one indexable collection over its shards."""
 
@@ -70,8 +93,8 @@ class _Windows:
             raise ArtifactError(f"{root}: split {split!r} has no shards (splits: {sorted(manifest['splits'])})")
         self.window = int(manifest["window"])
         self.manifest = manifest
-        self.shards = [_open_shard(root / r["path"], int(r["rows"]), self.window, manifest["dtype"])
-                       for r in records]
+        vocab = manifest.get("vocab_size")
+        self.shards = [_verified_shard(root / r["path"], r, self.window, manifest["dtype"], vocab) for r in records]
         self.offsets = np.cumsum([0] + [s.shape[0] for s in self.shards])
         self.count = int(self.offsets[-1])
 

@@ -31,7 +31,7 @@ def shard_shape(path: Path) -> tuple[int, int, str]:
         raise ShardError(f"{path}: not a readable token shard ({exc})") from exc
     if not pa.types.is_fixed_size_list(field.type):
         raise ShardError(f"{path}: column {TOKENS!r} is {field.type}, expected fixed_size_list")
-    return rows, field.type.list_size, field.type.value_type.to_pandas_dtype().__name__
+    return rows, field.type.list_size, str(field.type.value_type)  # "uint16", "uint32": numpy's names too
 
 
 def describe_splits(work: Path, splits: dict[str, list[Path]], window: int, vocab_size: int,
