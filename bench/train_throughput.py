@@ -21,7 +21,7 @@ mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import json
 import os
 import statistics
@@ -42,6 +42,7 @@ from kotodama_core.config import load_config, parse_overrides  # noqa: E402
 from kotodama_core.data.manifest_fields import describe_splits  # noqa: E402
 from kotodama_core.data.shards import write_shard  # noqa: E402
 from kotodama_core.model import KotodamaLM  # noqa: E402
+from kotodama_core.model.attnres import AttnResRuntime  # noqa: E402
 from kotodama_core.optim import build_optimizer  # noqa: E402
 from kotodama_core.train.distributed import DistInfo  # noqa: E402
 from kotodama_core.train import engine  # noqa: E402
@@ -68,7 +69,7 @@ def attn_res_overrides(attn_res: bool) -> dict:
 
 
 def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
-                 variant: str = "", config: dict | None = None, **model_kwargs) -> dict:
+                 variant: str = "", config: dict | None = None, **runtime: bool) -> dict:
     """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
     # Step 0 (the compile) logs alone, so one step more makes every later window whole: windows end at
     # steps window, 2·window, ... and the last one at the final step.
@@ -90,8 +91,10 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         model_class = engine.KotodamaLM
-        if model_kwargs:  # the bench's only way in: the engine builds its model from the config
-            engine.KotodamaLM = functools.partial(model_class, **model_kwargs)
+        if runtime:  # the bench's only way in: the engine builds its model from the config
+            def with_runtime(model_cfg, attn_res_runtime=AttnResRuntime(), **kw):
+                return model_class(model_cfg, attn_res_runtime=dataclasses.replace(attn_res_runtime, **runtime), **kw)
+            engine.KotodamaLM = with_runtime
         try:
             train(cfg, data, Path(tmp) / "run", info=info)
         finally:
@@ -289,7 +292,7 @@ def main() -> None:
     plan = [("ref", lambda: reference(args, "ref_compile", args.batch)),
             ("project", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile)),
             ("per_read", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
-                                              "_per_read", attn_res_two_phase=False)),
+                                              "_per_read", two_phase=False)),
             ("regions", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                              "_regions", {"train.compile_scope": "layers"})),
             ("kernels", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kotodama_core.model import KotodamaConfig, KotodamaLM, attn_res_read
+from kotodama_core.model.attnres import AttnResRuntime
 
 EPS = 1e-5
 
@@ -194,7 +195,7 @@ def test_two_phase_forward_and_gradients_match_per_read_schedule(boundaries):
     cfg = small_cfg(attn_res_boundaries=boundaries)
     fast = KotodamaLM(cfg).double()
     randomize(fast, query_std=0.8, seed=8)
-    slow = KotodamaLM(cfg, attn_res_two_phase=False).double()
+    slow = KotodamaLM(cfg, attn_res_runtime=AttnResRuntime(two_phase=False)).double()
     slow.load_state_dict(fast.state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 9))
     loss_fast, _ = fast(ids[:, :-1], ids[:, 1:])

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kotodama_core.model import attnres_triton
-from kotodama_core.model.attnres import completed_sources_mix, merged_read_norm
+from kotodama_core.model.attnres import AttnResRuntime, completed_sources_mix, merged_read_norm
 
 EPS = 1e-5
 CUDA = torch.cuda.is_available()
@@ -154,7 +154,7 @@ def _small_model_grads(kernels: bool, autocast: bool, monkeypatch) -> tuple[torc
                          attn_res=True, attn_res_boundaries=[0, 2, 3])
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     torch.manual_seed(1)
-    model = KotodamaLM(cfg, device=DEVICE, attn_res_kernels=kernels)
+    model = KotodamaLM(cfg, device=DEVICE, attn_res_runtime=AttnResRuntime(kernels=kernels))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("res_query"):
@@ -208,7 +208,7 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
             for name, p in model.named_parameters():
                 if name.endswith("res_query"):
                     p.normal_(0.0, 0.5)
-        model.attn_res_kernels = use_kernels
+        model.attn_res_runtime = AttnResRuntime(kernels=use_kernels)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = torch.compile(model)(ids[:, :-1], ids[:, 1:])
         loss.backward()

@@ -8,6 +8,7 @@ from kotodama_core.lazy import lazy_exports
 # package) does not import torch: `kotodama check` and config errors answer in well under 2 s.
 _EXPORTS = {
     "attn_res_read": "kotodama_core.model.attnres",
+    "AttnResRuntime": "kotodama_core.model.attnres",
     "KotodamaConfig": "kotodama_core.model.config",
     "CheckpointError": "kotodama_core.model.io",
     "load_model": "kotodama_core.model.io",
@@ -20,7 +21,7 @@ _EXPORTS = {
     "TechniquesConfig": "kotodama_core.model.techniques",
 }
 
-__all__ = ["KotodamaConfig", "KotodamaLM", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
+__all__ = ["AttnResRuntime", "KotodamaConfig", "KotodamaLM", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
            "RMSNorm", "rms_norm",
            "CheckpointError", "save_pt_zst", "load_pt_zst", "load_model"]
 

@@ -11,6 +11,9 @@ and the running sum of the open block. This single function is the unit a fused 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -102,3 +105,170 @@ def merged_read_norm(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, r
     (partial's dtype when None)."""
     h = open_block_read(mix, lse, partial, query, read_gain, read_eps)
     return rms_norm(h, norm_weight, norm_eps).to(out_dtype or partial.dtype)
+
+
+# ---------------------------------------------------------------- the reads of one forward pass
+# KotodamaLM keeps the stream of a forward pass as `OpenSum` and asks this section for each read: which
+# formulation evaluates it (ReadSpec, from the runtime options) and the read followed by the consuming
+# RMSNorm (read_norm). The model file then holds only the layer math.
+
+
+@dataclass(frozen=True)
+class AttnResRuntime:
+    """How the AttnRes reads run; never changes the result beyond floating-point rounding.
+
+    two_phase  evaluate each block's reads in two phases (completed_sources_mix once per block,
+               open_block_read per read); False reads every source at every read (attn_res_read), the
+               reference schedule. Traces always use the reference schedule (they record the weights).
+    kernels    run phase 1 and each merge read fused with its RMSNorm (and the residual add before it) in
+               the Triton kernels of attnres_triton, when the activations are on CUDA and Triton is
+               installed; elsewhere the PyTorch formulation runs (train.attn_res_kernels sets it).
+    """
+
+    two_phase: bool = True
+    kernels: bool = False
+
+
+class OpenSum(NamedTuple):
+    """The open block's running sum (or the plain residual stream) as partial + pending: `pending` is the
+    last sublayer's output, added by the next read (inside the fused kernel when kernels run it, else
+    as one add before the read). `partial` is None right after a block boundary."""
+
+    partial: Tensor | None
+    pending: Tensor | None = None
+
+    def total(self, stream_dtype: torch.dtype) -> Tensor:
+        if self.pending is None:
+            return self.partial
+        return self.pending.to(stream_dtype) if self.partial is None else self.partial + self.pending
+
+
+class ReadSpec(NamedTuple):
+    """One AttnRes read. mode:
+    plain     no AttnRes: the read is the stream itself
+    per_read  one softmax over `inputs` (the completed sources) and the open block's sum, if any
+    single    before the first block: one source, the open block's sum (its weight is exactly 1)
+    first     a block's first read: `inputs` is its phase-1 mix of the completed sources
+    merge     `inputs` = (mix, lse) of phase 1, merged with the open block's sum (open_block_read)
+    `kernels`: a merge read and the RMSNorm after it run as one Triton kernel (read_norm)."""
+
+    mode: str
+    inputs: Any = None
+    query: Tensor | None = None
+    norm: Any = None
+    key: tuple[str, int] | None = None
+    kernels: bool = False
+
+
+class BlockReads(NamedTuple):
+    """Phase 1 of one block: each read's mix of the completed sources and its logsumexp, by read key."""
+
+    mix: tuple[Tensor, ...]
+    lse: tuple[Tensor, ...]
+    index: dict[tuple[str, int], int]
+
+
+def block_read_plan(starts: list[int], num_layers: int) -> dict[int, list[tuple[str, int]]]:
+    """Reads of each AttnRes block in forward order, keyed by the block's first layer: ("attn", i) and
+    ("mlp", i) for its layers, and ("final", -1) after the last block."""
+    starts = [s for s in starts if s < num_layers]
+    plan = {}
+    for k, start in enumerate(starts):
+        end = starts[k + 1] if k + 1 < len(starts) else num_layers
+        plan[start] = [(kind, i) for i in range(start, end) for kind in ("attn", "mlp")]
+    if starts:
+        plan[starts[-1]].append(("final", -1))
+    return plan
+
+
+def open_block(done: list[Tensor], keys: list[tuple[str, int]], params: list[tuple[Tensor, Any]],
+               runtime: AttnResRuntime, phase_one: Callable = completed_sources_mix) -> BlockReads:
+    """Phase 1 of the block whose reads are `keys` (params: each read's (query, norm)) over `done`."""
+    from kotodama_core.model import attnres_triton
+
+    queries = torch.stack([q for q, _ in params])
+    gains = torch.stack([n.weight for _, n in params])
+    eps = params[0][1].eps
+    if runtime.kernels and attnres_triton.available(done[0]):
+        # The mixes stay float32: in bf16, the merge's p − mix cancels and the routing parameters'
+        # gradients came out several times further from fp32 than the PyTorch bf16 path's.
+        mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps)
+    else:
+        mix, lse = phase_one(done, queries, gains, eps)
+    if isinstance(mix, Tensor):
+        # The PyTorch formulation stacks the reads. One tensor per read: slicing the stack per read
+        # would make each read's gradient a full-size zero-padded copy in backward (R of them per
+        # block); unbind's backward is one stack. The kernels return one tensor per read already.
+        mix, lse = mix.unbind(0), lse.unbind(0)
+    return BlockReads(tuple(mix), tuple(lse), {k: r for r, k in enumerate(keys)})
+
+
+def read_spec(block: BlockReads | None, done: list[Tensor], key: tuple[str, int], query: Tensor, norm: Any,
+              opens_block: bool, two_phase: bool, runtime: AttnResRuntime) -> ReadSpec:
+    """How the read `key` is evaluated; `opens_block`: the open block has no sum yet."""
+    from kotodama_core.model import attnres_triton
+
+    if not two_phase:
+        return ReadSpec("per_read", list(done), query, norm, key)
+    if block is None:
+        return ReadSpec("single", None, query, norm, key)
+    r = block.index[key]
+    if opens_block:  # the block's first read sees only completed sources
+        return ReadSpec("first", block.mix[r], query, norm, key)
+    kernels = runtime.kernels and attnres_triton.available(block.mix[r])
+    return ReadSpec("merge", (block.mix[r], block.lse[r]), query, norm, key, kernels)
+
+
+def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype, rec: dict | None) -> Tensor:
+    """Evaluate one read; with `rec`, per-read weights are recorded under rec["attn_res_weights"]."""
+    if spec.mode == "plain":
+        return partial
+    if spec.mode == "first":
+        return spec.inputs.to(stream_dtype)
+    if spec.mode == "merge":
+        mix, lse = spec.inputs
+        return open_block_read(mix, lse, partial, spec.query, spec.norm.weight, spec.norm.eps)
+    sources = [partial] if spec.mode == "single" else spec.inputs + ([partial] if partial is not None else [])
+    if rec is None:
+        return attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps)
+    out, weights = attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps, return_weights=True)
+    kind, layer = spec.key
+    if kind != "final":
+        rec["attn_res_weights"][layer][kind] = weights
+    return out
+
+
+def read_norm(spec: ReadSpec, stream: OpenSum, norm: Any, scale: float, stream_dtype: torch.dtype,
+              rec: dict | None, index: int | None = None) -> tuple[OpenSum, Tensor]:
+    """(the stream with its pending output added, norm(read) · scale) for the read `spec`.
+
+    scale is the ln_scale factor (1.0 without it). A merge read with kernels runs as one fused kernel,
+    the add included, returning the autocast dtype directly (the matmul after it casts to it anyway);
+    otherwise the add, the read, then the norm. With `rec` and an `index`, the read (the layer's hidden
+    state) is recorded under rec["hidden"]."""
+    from kotodama_core.model import attnres_triton
+
+    partial, delta = stream
+    if spec.kernels and rec is None:
+        if partial is None:  # the block's first sublayer output: nothing to add it to
+            partial, delta = delta.to(stream_dtype), None
+        mix, lse = spec.inputs
+        out_dtype = activation_dtype(partial)
+        weight = norm.weight * scale if scale != 1.0 else norm.weight
+        fused = attnres_triton.merged_read_norm_triton(mix, lse, partial, spec.query, spec.norm.weight,
+                                                       spec.norm.eps, weight, norm.eps, out_dtype, delta)
+        partial, y = fused if delta is not None else (partial, fused)
+        return OpenSum(partial), y
+    partial = stream.total(stream_dtype)
+    h = apply_read(spec, partial, stream_dtype, rec)
+    if rec is not None and index is not None:
+        rec["hidden"][index] = h
+    n = norm(h)
+    return OpenSum(partial), n * scale if scale != 1.0 else n
+
+
+def activation_dtype(stream: Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for the stream's device (the matmuls' input dtype), else
+    the stream's own dtype."""
+    device = stream.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else stream.dtype

@@ -19,6 +19,8 @@ in two phases per block (attnres.completed_sources_mix once when a block opens, 
 read): the same function, with each completed source read once per block instead of once per read.
 Each layer runs through `layer_step` (its two reads and two sublayers), the unit that compile_regions
 compiles once for all layers; the trace and the per-read schedule go through the same function.
+How each read is evaluated (ReadSpec, read_norm, the Triton or PyTorch choice, the runtime options) is
+attnres.py's business; this file holds the layer math.
 
 Optional techniques (cfg.techniques, all off by default; each in techniques/ with its formula):
     xsa_last_n       attention output of the last N layers made orthogonal to the own value (xsa.py)
@@ -40,14 +42,14 @@ exists, so the state dict and parameter count are the published ones.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kotodama_core.model import attnres_triton
-from kotodama_core.model.attnres import attn_res_read, completed_sources_mix, open_block_read
+from kotodama_core.model.attnres import (AttnResRuntime, BlockReads, OpenSum, ReadSpec, apply_read, block_read_plan,
+                                        completed_sources_mix, open_block, read_norm, read_spec)
 from kotodama_core.model.config import KotodamaConfig
 from kotodama_core.model.loss import chunked_lm_loss
 from kotodama_core.model.norm import RMSNorm
@@ -185,24 +187,18 @@ class KotodamaLM(nn.Module):
     """The Kotodama decoder. State-dict keys follow the published checkpoints exactly.
 
     `loss_chunk_tokens` is the number of tokens whose logits the training loss materializes at once.
-    `attn_res_two_phase` evaluates the AttnRes reads of a forward pass block by block (see the module
-    docstring); False reads every source at every read (attn_res_read), the reference schedule.
-    `attn_res_kernels` runs the two-phase reads with the Triton kernels of attnres_triton when the
-    activations are on CUDA and Triton is installed: phase 1 per block, and each merge read fused with
-    the RMSNorm after it and the residual add before it (read_norm; layer_step then hands its MLP output
-    on as `pending`). Elsewhere, or when False, the PyTorch formulation runs (train.attn_res_kernels sets
-    it for training runs).
+    `attn_res_runtime` says how the AttnRes reads run (two-phase, Triton kernels: attnres.AttnResRuntime);
+    it never changes the result beyond rounding, and the forward pass returns the same whatever it says.
     """
 
     def __init__(self, cfg: KotodamaConfig, device=None, loss_chunk_tokens: int = 4096,
-                 attn_res_two_phase: bool = True, attn_res_kernels: bool = False):
+                 attn_res_runtime: AttnResRuntime = AttnResRuntime()):
         super().__init__()
         if loss_chunk_tokens <= 0:
             raise ValueError(f"loss_chunk_tokens must be positive, got {loss_chunk_tokens}")
         self.cfg = cfg
         self.loss_chunk_tokens = loss_chunk_tokens
-        self.attn_res_two_phase = attn_res_two_phase
-        self.attn_res_kernels = attn_res_kernels
+        self.attn_res_runtime = attn_res_runtime
         d = cfg.hidden_size
         self.embed_tokens = _embedding(cfg.vocab_size, d, device)
         self.layers = nn.ModuleList(Layer(cfg, i, device=device) for i in range(cfg.num_layers))
@@ -216,7 +212,7 @@ class KotodamaLM(nn.Module):
         self.rope = RotaryEmbedding(tech.rotary_dims or cfg.head_dim, cfg.max_position_embeddings,
                                     cfg.rope_theta, device=device)
         self._block_starts = frozenset(cfg.block_starts()) if cfg.attn_res else frozenset()
-        self._block_reads = _block_read_plan(sorted(self._block_starts), cfg.num_layers)
+        self._block_reads = block_read_plan(sorted(self._block_starts), cfg.num_layers)
         self._build_techniques(device)
         self._regions = _Regions(layer_step, completed_sources_mix, KotodamaLM.head)
         self.init_weights()
@@ -381,42 +377,18 @@ class KotodamaLM(nn.Module):
             return layer.attn_res_query, layer.attn_res_norm
         return layer.mlp_res_query, layer.mlp_res_norm
 
-    def _open_block(self, done: list[Tensor], start: int) -> tuple[Tensor, Tensor, dict]:
+    def _open_block(self, done: list[Tensor], start: int) -> BlockReads:
         """Phase 1 of the block opening at layer `start`: all its reads against the completed sources."""
         keys = self._block_reads[start]
-        params = [self._read_params(k) for k in keys]
-        queries = torch.stack([q for q, _ in params])
-        gains = torch.stack([n.weight for _, n in params])
-        eps = params[0][1].eps
-        if self.attn_res_kernels and attnres_triton.available(done[0]):
-            # The mixes stay float32: in bf16, the merge's p − mix cancels and the routing parameters'
-            # gradients came out several times further from fp32 than the PyTorch bf16 path's.
-            mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps)
-        else:
-            mix, lse = self._regions.phase_one(done, queries, gains, eps)
-        if isinstance(mix, Tensor):
-            # The PyTorch formulation stacks the reads. One tensor per read: slicing the stack per read
-            # would make each read's gradient a full-size zero-padded copy in backward (R of them per
-            # block); unbind's backward is one stack. The kernels return one tensor per read already.
-            mix, lse = mix.unbind(0), lse.unbind(0)
-        return mix, lse, {k: r for r, k in enumerate(keys)}
+        return open_block(done, keys, [self._read_params(k) for k in keys], self.attn_res_runtime,
+                          self._regions.phase_one)
 
-    def _read_spec(self, block, done: list[Tensor], key: tuple[str, int], opens_block: bool,
+    def _read_spec(self, block: BlockReads | None, done: list[Tensor], key: tuple[str, int], opens_block: bool,
                    two_phase: bool) -> ReadSpec:
-        """How the read `key` is evaluated (see ReadSpec); `opens_block`: no open-block sum exists yet."""
         if not self.cfg.attn_res:
             return ReadSpec("plain")
         query, norm = self._read_params(key)
-        if not two_phase:
-            return ReadSpec("per_read", list(done), query, norm, key)
-        if block is None:
-            return ReadSpec("single", None, query, norm, key)
-        mix, lse, index = block
-        r = index[key]
-        if opens_block:  # the block's first read sees only completed sources
-            return ReadSpec("first", mix[r], query, norm, key)
-        kernels = self.attn_res_kernels and attnres_triton.available(mix[r])
-        return ReadSpec("merge", (mix[r], lse[r]), query, norm, key, kernels)
+        return read_spec(block, done, key, query, norm, opens_block, two_phase, self.attn_res_runtime)
 
     def compile_regions(self, **compile_kwargs) -> None:
         """torch.compile the repeated regions instead of the whole model: the layer step (one graph for
@@ -444,106 +416,45 @@ class KotodamaLM(nn.Module):
         ve_values = value_embed is not None and self._value_embed_into_values
         ve_residual = value_embed is not None and not self._value_embed_into_values
         plan = recurrence.plan(self.cfg.num_layers) if recurrence is not None else self._plan
-        two_phase = attn_res and rec is None and self.attn_res_two_phase
+        two_phase = attn_res and rec is None and self.attn_res_runtime.two_phase
         step = self._regions.layer_step if rec is None else layer_step
-        block = None  # two-phase state of the open block: (mix, lse, read index by key)
+        block = None  # two-phase state of the open block
         done: list[Tensor] = []
-        partial: Tensor | None = emb
-        pending: Tensor | None = None  # an MLP output the next fused read adds to `partial`
+        stream = OpenSum(emb)
         previous: dict[int, Tensor] = {}   # recurrence: stream after each loop slot, last repeat
         skips: dict[int, Tensor] = {}      # U-Net: stream after each encoder layer
         for i, repeat, slot in plan:
             layer = self.layers[i]
             r = rec if rec is not None and i in rec["layers"] else None
             if attn_res and i in self._block_starts:
-                done.append(partial if pending is None else partial + pending)
-                partial = pending = None
+                done.append(stream.total(emb.dtype))
+                stream = OpenSum(None)
                 if two_phase:
                     block = self._open_block(done, i)
             if not attn_res:
+                x = stream.partial
                 if repeat >= 0:
-                    partial = recurrence.enter(partial, repeat, slot, previous)
+                    x = recurrence.enter(x, repeat, slot, previous)
                 if unet is not None and i in unet.pairs:
                     k = unet.pairs[i]
-                    partial = partial + unet.scales[k] * skips[k]
+                    x = x + unet.scales[k] * skips[k]
                 if ve_residual:
                     extra = value_embed.term(i, input_ids)
                     if extra is not None:
-                        partial = partial + extra.to(partial.dtype)
+                        x = x + extra.to(x.dtype)
+                stream = OpenSum(x)
             v_extra = value_embed.term(i, input_ids) if ve_values else None
-            attn_read = self._read_spec(block, done, ("attn", i), partial is None, two_phase)
+            attn_read = self._read_spec(block, done, ("attn", i), stream.partial is None, two_phase)
             mlp_read = self._read_spec(block, done, ("mlp", i), False, two_phase)
-            partial, pending = step(layer, partial, cos, sin, v_extra, attn_read, mlp_read, emb.dtype, r, i,
-                                    pending)
+            stream = step(layer, stream, cos, sin, v_extra, attn_read, mlp_read, emb.dtype, r, i)
             if r is not None:
-                r["layer_out"][i] = partial
+                r["layer_out"][i] = stream.partial
             if repeat >= 0:
-                previous[slot] = partial
+                previous[slot] = stream.partial
             if unet is not None and i in unet.encoders:
-                skips[i] = partial
+                skips[i] = stream.partial
         final = self._read_spec(block, done, ("final", -1), False, two_phase)
-        return read_norm(final, partial, self.norm, 1.0, emb.dtype, rec, delta=pending)[1]
-
-
-class ReadSpec(NamedTuple):
-    """One AttnRes read of a layer step. mode:
-    plain     no AttnRes: the read is the stream itself
-    per_read  one softmax over `inputs` (the completed sources) and the open block's sum, if any
-    single    before the first block: one source, the open block's sum (its weight is exactly 1)
-    first     a block's first read: `inputs` is its phase-1 mix of the completed sources
-    merge     `inputs` = (mix, lse) of phase 1, merged with the open block's sum (open_block_read)
-    `kernels`: a merge read and the RMSNorm after it run as one Triton kernel (read_norm)."""
-
-    mode: str
-    inputs: Any = None
-    query: Tensor | None = None
-    norm: RMSNorm | None = None
-    key: tuple[str, int] | None = None
-    kernels: bool = False
-
-
-def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype, rec: dict | None) -> Tensor:
-    """Evaluate one read; with `rec`, per-read weights are recorded under rec["attn_res_weights"]."""
-    if spec.mode == "plain":
-        return partial
-    if spec.mode == "first":
-        return spec.inputs.to(stream_dtype)
-    if spec.mode == "merge":
-        mix, lse = spec.inputs
-        return open_block_read(mix, lse, partial, spec.query, spec.norm.weight, spec.norm.eps)
-    sources = [partial] if spec.mode == "single" else spec.inputs + ([partial] if partial is not None else [])
-    if rec is None:
-        return attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps)
-    out, weights = attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps, return_weights=True)
-    kind, layer = spec.key
-    if kind != "final":
-        rec["attn_res_weights"][layer][kind] = weights
-    return out
-
-
-def read_norm(spec: ReadSpec, partial: Tensor | None, norm: RMSNorm, scale: float, stream_dtype: torch.dtype,
-              rec: dict | None, index: int | None = None,
-              delta: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-    """(partial + delta, norm(read) · scale) for the read `spec` of the open block's sum partial + delta
-    (delta: a sublayer output not yet added; scale: the ln_scale factor, 1.0 without it). A merge read
-    with kernels runs as one fused kernel, the add included, that returns the autocast dtype directly (the
-    matmul after it casts to it anyway); otherwise the add, the read, then the norm. With `rec` and an
-    `index`, the read (the layer's hidden state) is recorded under rec["hidden"]."""
-    if spec.kernels and rec is None:
-        if partial is None:  # the block's first sublayer output: nothing to add it to
-            partial, delta = delta.to(stream_dtype), None
-        mix, lse = spec.inputs
-        out_dtype = _activation_dtype(partial)
-        weight = norm.weight * scale if scale != 1.0 else norm.weight
-        fused = attnres_triton.merged_read_norm_triton(mix, lse, partial, spec.query, spec.norm.weight,
-                                                       spec.norm.eps, weight, norm.eps, out_dtype, delta)
-        return fused if delta is not None else (partial, fused)
-    if delta is not None:
-        partial = delta.to(stream_dtype) if partial is None else partial + delta
-    h = apply_read(spec, partial, stream_dtype, rec)
-    if rec is not None and index is not None:
-        rec["hidden"][index] = h
-    return partial, _scaled(norm(h), scale)
+        return read_norm(final, stream, self.norm, 1.0, emb.dtype, rec)[1]
 
 
 def _ffn(layer: Layer, n: Tensor, rec: dict | None, i: int) -> Tensor:
@@ -554,35 +465,28 @@ def _ffn(layer: Layer, n: Tensor, rec: dict | None, i: int) -> Tensor:
     return m
 
 
-def layer_step(layer: Layer, partial: Tensor | None, cos: Tensor, sin: Tensor, v_extra: Tensor | None,
+def layer_step(layer: Layer, stream: OpenSum, cos: Tensor, sin: Tensor, v_extra: Tensor | None,
                attn_read: ReadSpec, mlp_read: ReadSpec, stream_dtype: torch.dtype, rec: dict | None = None,
-               index: int = -1, pending: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-    """One layer: attention read, attention sublayer, MLP read, MLP sublayer, on the open-block sum (or
-    residual stream) partial + pending. Returns (partial, pending) after the layer: with fused reads
-    (kernels) the MLP output comes back as `pending` for the next read to add, otherwise added and
-    pending None. The unit KotodamaLM.compile_regions compiles once for every layer.
-    With `rec` (trace), the layer's internals are recorded under `index`."""
+               index: int = -1) -> OpenSum:
+    """One layer on the open-block sum (or residual stream): attention read, attention sublayer, MLP read,
+    MLP sublayer. Returns the stream after the layer; its MLP output stays `pending` when the next read
+    is a fused kernel that adds it (attnres.read_norm), and is added here otherwise. The unit that
+    KotodamaLM.compile_regions compiles once for every layer. With `rec` (trace), the layer's internals
+    are recorded under `index`."""
     if layer.parallel:  # GPT-J: attention and MLP read the same input h (plain stream only)
-        h = apply_read(attn_read, partial, stream_dtype, rec)
+        h = apply_read(attn_read, stream.partial, stream_dtype, rec)
         if rec is not None:
             rec["hidden"][index] = h
         a = _attention(layer, _scaled(layer.attn_norm(h), layer.norm_scale), cos, sin, v_extra, rec, index)
-        return partial + a + _ffn(layer, _scaled(layer.ffn_norm(h), layer.norm_scale), rec, index), None
-    partial, n = read_norm(attn_read, partial, layer.attn_norm, layer.norm_scale, stream_dtype, rec, index,
-                           pending)
+        return OpenSum(stream.partial + a + _ffn(layer, _scaled(layer.ffn_norm(h), layer.norm_scale), rec, index))
+    stream, n = read_norm(attn_read, stream, layer.attn_norm, layer.norm_scale, stream_dtype, rec, index)
     a = _attention(layer, n, cos, sin, v_extra, rec, index)
-    partial, n = read_norm(mlp_read, partial, layer.ffn_norm, layer.norm_scale, stream_dtype, rec, delta=a)
+    stream, n = read_norm(mlp_read, OpenSum(stream.partial, a), layer.ffn_norm, layer.norm_scale, stream_dtype,
+                          rec)
     m = _ffn(layer, n, rec, index)
     if mlp_read.kernels and rec is None:
-        return partial, m
-    return partial + m, None
-
-
-def _activation_dtype(stream: Tensor) -> torch.dtype:
-    """The autocast dtype where autocast is on for the stream's device (the matmuls' input dtype), else
-    the stream's own dtype."""
-    device = stream.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else stream.dtype
+        return OpenSum(stream.partial, m)
+    return OpenSum(stream.partial + m)
 
 
 def _scaled(n: Tensor, scale: float) -> Tensor:
@@ -603,19 +507,6 @@ class _Regions(NamedTuple):
     layer_step: Callable
     phase_one: Callable
     head: Callable
-
-
-def _block_read_plan(starts: list[int], num_layers: int) -> dict[int, list[tuple[str, int]]]:
-    """Reads of each AttnRes block in forward order, keyed by the block's first layer: ("attn", i) and
-    ("mlp", i) for its layers, and ("final", -1) after the last block."""
-    starts = [s for s in starts if s < num_layers]
-    plan = {}
-    for k, start in enumerate(starts):
-        end = starts[k + 1] if k + 1 < len(starts) else num_layers
-        plan[start] = [(kind, i) for i in range(start, end) for kind in ("attn", "mlp")]
-    if starts:
-        plan[starts[-1]].append(("final", -1))
-    return plan
 
 
 def _is_attn_res(name: str) -> bool:

@@ -28,6 +28,7 @@ from kotodama_core.digest import digest
 from kotodama_core.data.loader import TokenLoader
 from kotodama_core.errors import UserError
 from kotodama_core.model import KotodamaLM
+from kotodama_core.model.attnres import AttnResRuntime
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
 from kotodama_core.optim.averaging import WeightAverager
 from kotodama_core.train import checkpoint as ckpt
@@ -208,7 +209,7 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
     """Build model, optimizer and loader; resume from the newest checkpoint in `work`, else apply init."""
     _check_vocab(cfg, data_dir)
     torch.manual_seed(cfg.train.seed)
-    model = KotodamaLM(cfg.model, attn_res_kernels=cfg.train.attn_res_kernels).to(info.device)
+    model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=cfg.train.attn_res_kernels)).to(info.device)
     loader = _loader_for(cfg, data_dir, info)
     resumed = ckpt.load_latest_checkpoint(work / "checkpoints")
     if resumed is None and cfg.train.init.mode == "resume":
