@@ -52,7 +52,7 @@ status:
 
 # The main job: stack up, kotodama/fullcorpus on the tiny preset, then bcpt from its milestone.
 demo: setup
-	$(PY) -m infra.stack demo
+	$(PY) -m infra.demo
 
 clean: down
 	rm -rf .kotodama .stack

@@ -1,7 +1,7 @@
 """The demo: bring the local stack up, run `fullcorpus` on the tiny preset end to end, then `bcpt` from
 that run's milestone (its stand-in for step 72000), and print where to look.
 
-    python -m infra.stack demo
+    python -m infra.demo
 """
 
 from __future__ import annotations
@@ -77,3 +77,7 @@ def demo() -> int:
           f"  artifacts:  {stack.home / 'artifacts'}\n"
           f"  stop with:  python -m infra.stack down")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(demo())

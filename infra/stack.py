@@ -3,7 +3,7 @@
     python -m infra.stack up       start everything, deploy infra/prefect.yaml, print both UI URLs
     python -m infra.stack status   what runs, where
     python -m infra.stack down     stop exactly the processes `up` started (pid files in the state dir)
-    python -m infra.stack demo     up, then tiny fullcorpus end to end, then tiny bcpt from its milestone
+    python -m infra.demo           up, then tiny fullcorpus end to end, then tiny bcpt from its milestone
 
 State lives in KOTODAMA_STACK_DIR (default KOTODAMA_HOME/stack, KOTODAMA_HOME defaulting to ./.kotodama):
 pid files, logs, the Prefect home and database, the MLflow database and artifact root, and `stack.env`
@@ -234,18 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m infra.stack")
-    parser.add_argument("command", choices=["up", "down", "status", "demo"])
+    parser.add_argument("command", choices=["up", "down", "status"])
     args = parser.parse_args(argv)
     if args.command == "up":
         up()
     elif args.command == "down":
         down()
-    elif args.command == "status":
-        return status()
     else:
-        from infra.demo import demo
-
-        return demo()
+        return status()
     return 0
 
 
