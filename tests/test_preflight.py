@@ -1,0 +1,49 @@
+"""Preflight: the bcpt source is found from an MLflow run, and a wrong source is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from kotodama_core.artifacts import ArtifactError, write_manifest
+from kotodama_core.config import ConfigError
+
+mlflow = pytest.importorskip("mlflow")
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    return client, client.create_experiment("kotodama")
+
+
+def test_the_train_artifact_of_a_parent_run_or_of_the_stage_run(tracking, tmp_path):
+    from flows.preflight import ARTIFACT_TAG, STEP_TAG, artifact_from_mlflow_run
+
+    client, exp = tracking
+    parent = client.create_run(exp).info.run_id
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, STEP_TAG: "train",
+                                         ARTIFACT_TAG: str(tmp_path / "train-art")}).info.run_id
+    assert artifact_from_mlflow_run(child) == tmp_path / "train-art"
+    assert artifact_from_mlflow_run(parent) == tmp_path / "train-art"
+    lonely = client.create_run(exp).info.run_id
+    with pytest.raises(ConfigError, match="neither a train stage run nor a parent of one"):
+        artifact_from_mlflow_run(lonely)
+    with pytest.raises(ConfigError, match="no such MLflow run"):
+        artifact_from_mlflow_run("0" * 32)
+
+
+def test_a_source_that_is_not_a_training_artifact_is_refused(tmp_path):
+    from flows.preflight import checkpoint_file
+
+    (tmp_path / "eval").mkdir()
+    write_manifest(tmp_path / "eval", stage="eval", config={}, inputs={})
+    with pytest.raises(ArtifactError, match="is a 'eval' artifact, not a training artifact"):
+        checkpoint_file(tmp_path / "eval", 30)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        checkpoint_file(tmp_path / "nowhere", 30)
+    file = tmp_path / "weights.pt.zst"
+    file.write_bytes(b"x")
+    assert checkpoint_file(file, 30) == file
