@@ -111,10 +111,14 @@ def ablation(spec: str = "kotodama-matrix", overrides: dict[str, Any] | None = N
                 tracking["parent_run_id"] = run_parent
             state = execute_step(s, tracking)
             states[s.key], manifests[s.key] = state.name, state.result()
-        if parent_id:
-            _log_arm_headlines(plan, arm_runs)
-            mlflow_runs.client().log_artifact(parent_id, str(compare_page))
         ok = True
+        if parent_id:
+            try:
+                _log_arm_headlines(plan, arm_runs)
+                mlflow_runs.client().log_artifact(parent_id, str(compare_page))
+            except Exception as exc:  # noqa: BLE001 - every artifact is on disk; tracking cannot fail the flow
+                logger.warning("MLflow unreachable: arm headlines and the comparison page not logged (%s)",
+                               str(exc)[:200])
     finally:
         for run_id in [*arm_runs.values(), *([parent_id] if parent_id else [])]:
             mlflow_runs.end(run_id, ok=ok)

@@ -58,11 +58,14 @@ def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inp
     run_id = None
     try:
         if tracking.get("parent_run_id"):
-            run_id = mlflow_runs.start_stage(
-                tracking["parent_run_id"], key,
-                {"kotodama.stage": stage, "kotodama.digest": digest, "kotodama.preset": tracking["preset"],
-                 ARTIFACT_TAG: str(out_dir)},
-                config_params(config_path), tracking["flow_run_id"])
+            try:
+                run_id = mlflow_runs.start_stage(
+                    tracking["parent_run_id"], key,
+                    {"kotodama.stage": stage, "kotodama.digest": digest, "kotodama.preset": tracking["preset"],
+                     ARTIFACT_TAG: str(out_dir)},
+                    config_params(config_path), tracking["flow_run_id"])
+            except Exception as exc:  # noqa: BLE001 - the stage runs untracked rather than not at all
+                logger.warning("%s: MLflow unreachable, this stage is not tracked (%s)", key, str(exc)[:200])
         cmd = stage_command(stage, Path(config_path), out_dir, {k: Path(v) for k, v in inputs.items()},
                             nproc=nproc, run_id=digest[:16])
         logger.info("%s: %s", key, " ".join(cmd))
@@ -76,8 +79,8 @@ def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inp
         if manifest.digest != digest:
             raise ArtifactError(f"{key}: stages.{stage} wrote digest {manifest.digest[:16]}, the plan predicted "
                                 f"{digest[:16]}: the stage and stages/registry.py disagree on the stage's digest")
-        if run_id:
-            mlflow_runs.log_stage_outputs(run_id, manifest, Path(config_path))
+        if run_id:  # the artifact is committed: from here on tracking can only queue, never fail the task
+            mlflow_runs.record_stage_outputs(run_id, manifest, Path(config_path))
             mlflow_runs.end(run_id, ok=True)
         return str(manifest.path)
     except BaseException:
@@ -117,6 +120,12 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
     tracking: dict[str, str] = {"flow_run_id": flow_run_id, "preset": preset}
     parent_id = url = None
     if mlflow_runs.enabled():
+        try:
+            sent, left = mlflow_runs.sync_pending()
+            if sent or left:
+                logger.info("MLflow: sent %d records queued during an outage (%d still queued)", sent, left)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("MLflow: queued records not sent (%s)", str(exc)[:200])
         main = steps[-1].cfg
         tags = {"kotodama.pipeline": pipeline, "kotodama.preset": preset, "prefect.flow_run_id": flow_run_id,
                 "prefect.flow_run_url": str(flow_run.ui_url or "")}
@@ -168,6 +177,13 @@ def execute_step(s: Step, tracking: dict[str, str]):
 
 
 def _record_cached(parent_id: str, s: Step, tracking: dict[str, str]) -> None:
+    try:
+        _record_cached_run(parent_id, s, tracking)
+    except Exception as exc:  # noqa: BLE001 - a cached stage's record is not worth failing the flow for
+        get_run_logger().warning("%s: cached, but MLflow is unreachable: not recorded (%s)", s.key, str(exc)[:200])
+
+
+def _record_cached_run(parent_id: str, s: Step, tracking: dict[str, str]) -> None:
     run_id = mlflow_runs.start_stage(
         parent_id, s.key, {"kotodama.stage": s.stage, "kotodama.digest": s.digest, "kotodama.cached": "true",
                            "kotodama.preset": tracking["preset"], ARTIFACT_TAG: str(s.out)},

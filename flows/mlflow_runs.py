@@ -8,23 +8,34 @@ What is uploaded from a stage's artifact folder: its manifest and resolved confi
 (JSON, JSONL, YAML, HTML, PNG, SVG, CSV, Markdown: the rule bank, eval results, report and plots, metric
 logs); for training, the final model and the milestone checkpoints. Every other file (data shards, rolling
 checkpoints) is listed in `outputs.json` by path, bytes and sha256 instead.
+
+Outages: each MLflow call makes at most two attempts of at most 10 s (MLflow's own HTTP retry settings,
+unless the environment sets them). What the flow could not send (a stage's outputs, a run's terminal
+status) is queued in `KOTODAMA_HOME/tracking/pending.jsonl` and sent by the next flow run, or by
+`python -m flows.mlflow_runs sync`; the stages' artifacts never wait for it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
-from kotodama_core.artifacts import Manifest
+from kotodama_core.artifacts import Manifest, kotodama_home, read_manifest
 from kotodama_core.train.checkpoint import checkpoint_name
 from stages.tracking import flatten
 
 UPLOAD_SUFFIXES = {".json", ".jsonl", ".yaml", ".yml", ".html", ".png", ".svg", ".csv", ".md", ".txt"}
 UPLOAD_MAX_BYTES = 50 << 20
 EXPERIMENT = os.environ.get("KOTODAMA_MLFLOW_EXPERIMENT", "kotodama")
+# Bounded: MLflow's default retries a failing call with backoff for minutes.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+log = logging.getLogger("kotodama.flows.mlflow")
 
 
 def enabled() -> bool:
@@ -84,8 +95,68 @@ def start_stage(parent_id: str, step_key: str, tags: Mapping[str, str], params: 
     return run.info.run_id
 
 
-def end(run_id: str, ok: bool) -> None:
-    client().set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+def pending_path() -> Path:
+    return kotodama_home() / "tracking" / "pending.jsonl"
+
+
+def _queue(record: dict[str, Any]) -> None:
+    path = pending_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def end(run_id: str, ok: bool) -> bool:
+    """Give the run its terminal status; when MLflow cannot be reached, queue it (see `sync_pending`)."""
+    status = "FINISHED" if ok else "FAILED"
+    end_time = int(time.time() * 1000)
+    try:
+        client().set_terminated(run_id, status=status, end_time=end_time)
+        return True
+    except Exception as exc:  # noqa: BLE001 - tracking never decides a run's fate
+        log.warning("MLflow unreachable: run %s stays open until `python -m flows.mlflow_runs sync` (%s)",
+                    run_id, str(exc)[:200])
+        _queue({"kind": "end", "run_id": run_id, "status": status, "end_time": end_time})
+        return False
+
+
+def record_stage_outputs(run_id: str, manifest: Manifest, config_path: Path) -> bool:
+    """`log_stage_outputs`, or, when MLflow cannot be reached, queued for `sync_pending`."""
+    try:
+        log_stage_outputs(run_id, manifest, config_path)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow unreachable: outputs of run %s queued (%s)", run_id, str(exc)[:200])
+        _queue({"kind": "outputs", "run_id": run_id, "manifest": str(manifest.path), "config": str(config_path)})
+        return False
+
+
+def sync_pending() -> tuple[int, int]:
+    """Send what was queued while MLflow was down, in order; keep what still fails. (sent, left)."""
+    path = pending_path()
+    if not path.is_file():
+        return 0, 0
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    left = []
+    for rec in records:
+        if left:  # keep the order: once one fails, the rest wait behind it
+            left.append(rec)
+            continue
+        try:
+            if rec["kind"] == "outputs":
+                log_stage_outputs(rec["run_id"], read_manifest(rec["manifest"]), Path(rec["config"]))
+            else:
+                client().set_terminated(rec["run_id"], status=rec["status"], end_time=rec["end_time"])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("MLflow still unreachable (%s); %d queued records kept", str(exc)[:200], len(records))
+            left.append(rec)
+    if left:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in left))
+        os.replace(tmp, path)
+    else:
+        path.unlink()
+    return len(records) - len(left), len(left)
 
 
 def _uploads(manifest: Manifest) -> list[str]:
@@ -123,3 +194,22 @@ def log_stage_outputs(run_id: str, manifest: Manifest, config_path: Path) -> Non
 
         ts = int(time.time() * 1000)
         c.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), ts, 0) for k, v in metrics.items()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.mlflow_runs sync`: send what flows queued while MLflow was down."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m flows.mlflow_runs")
+    parser.add_argument("command", choices=["sync"])
+    parser.parse_args(argv)
+    if not enabled():
+        print("error: set MLFLOW_TRACKING_URI to the server to sync to")
+        return 2
+    sent, left = sync_pending()
+    print(f"sent {sent} queued records; {left} left" + (" (MLflow still unreachable)" if left else ""))
+    return 0 if not left else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,15 +5,20 @@ Which run is decided by the environment, so a stage never needs to know whether 
 - `MLFLOW_TRACKING_URI` + `KOTODAMA_MLFLOW_RUN_ID`: attach to that run. The Prefect flow creates one
   nested run per stage and passes its id this way (the normal case).
 - `MLFLOW_TRACKING_URI` + `KOTODAMA_MLFLOW_PARENT_RUN_ID`: create a nested run under that parent, once:
-  its id is kept in `<run_dir>/mlflow_run_id`, so a restarted job (torchrun elastic restart, Prefect
-  retry) keeps logging into the same run.
+  its id is kept in the tracking folder, so a restarted job (torchrun elastic restart, Prefect retry)
+  keeps logging into the same run.
 - neither: a no-op tracker; mlflow is never imported (the GPU box has no mlflow).
 
-Only rank 0 (env `RANK` unset or "0") logs. When the server is unreachable the tracker warns once,
-appends every record to `<run_dir>/mlflow_buffer.jsonl` and training goes on; it retries at most every
-`KOTODAMA_MLFLOW_RETRY_S` seconds (default 30) and on `close()`, and sends the buffer, in order, once the
-server answers. A buffer left behind (server still down at the end) is sent later by
-`python -m stages.tracking sync RUN_DIR`.
+Only rank 0 (env `RANK` unset or "0") logs. Each MLflow call fails after one 10 s attempt (no backoff
+loop). When the server is unreachable the tracker warns once, appends every record to
+`mlflow_buffer.jsonl` and training goes on; it retries at most every `KOTODAMA_MLFLOW_RETRY_S` seconds
+(default 30) and on `close()`, and sends the buffer, in order, once the server answers. A buffer left
+behind (server still down at the end) is sent to the same run later by
+`python -m stages.tracking sync ARTIFACT_DIR`.
+
+A stage's tracking state (the run id and the buffer) lives beside its artifact, in `<out>.tracking/`, never
+inside it: the manifest lists every file of the artifact, and a buffer that is sent and deleted later
+must not be one of them.
 """
 
 from __future__ import annotations
@@ -80,6 +85,12 @@ def _is_permanent(exc: BaseException) -> bool:
     return getattr(exc, "error_code", None) in _PERMANENT_ERRORS
 
 
+def tracking_dir(stage_dir: Path) -> Path:
+    """`<out>.tracking/` for a stage's work folder `<out>.partial/` or its artifact `<out>/`."""
+    stage_dir = Path(stage_dir)
+    return stage_dir.with_name(stage_dir.name.removesuffix(".partial") + ".tracking")
+
+
 def _counterpart(path: Path) -> Path:
     """A file recorded inside `<out>.partial/` lives in `<out>/` once the stage committed."""
     parts = list(path.parts)
@@ -109,23 +120,26 @@ class Tracker:
             # Fail fast instead of MLflow's default minutes of backoff: the buffer is the retry.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            saved = self.run_dir / RUN_ID_NAME
             if self.run_id is None:
-                saved = self.run_dir / RUN_ID_NAME
                 if saved.is_file():
                     self.run_id = saved.read_text().strip() or None
+            else:  # remembered, so that a later `sync` finds the run without any environment
+                saved.write_text(self.run_id)
             if self.buffer_path.is_file():
                 self.flush()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, run_dir: Path | None) -> "Tracker":
-        """The tracker the environment asks for (see the module docstring); no-op on ranks other than 0."""
+    def from_env(cls, stage_dir: Path | None) -> "Tracker":
+        """The tracker the environment asks for (see the module docstring), keeping its state in
+        `tracking_dir(stage_dir)`; a no-op on ranks other than 0."""
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         run_id = os.environ.get(ENV_RUN_ID) or None
         parent = os.environ.get(ENV_PARENT_RUN_ID) or None
         if not _is_rank_zero() or not uri or not (run_id or parent):
             return cls(None)
-        return cls(run_dir, tracking_uri=uri, run_id=run_id, parent_run_id=parent)
+        return cls(tracking_dir(stage_dir), tracking_uri=uri, run_id=run_id, parent_run_id=parent)
 
     @property
     def buffer_path(self) -> Path:
@@ -249,7 +263,7 @@ class Tracker:
         if self.run_id is None:
             client = self._mlflow()
             parent = client.get_run(self.parent_run_id)
-            name = self.run_dir.name.removesuffix(".partial") if self.run_dir else "stage"
+            name = self.run_dir.name.removesuffix(".tracking").removesuffix(".partial") if self.run_dir else "stage"
             run = client.create_run(parent.info.experiment_id, run_name=name,
                                     tags={"mlflow.parentRunId": self.parent_run_id})
             self.run_id = run.info.run_id
@@ -289,9 +303,11 @@ class Tracker:
             raise ValueError(f"unknown buffered record kind {kind!r}")
 
 
-def sync(run_dir: Path) -> int:
-    """Send a buffer left behind in `run_dir` to the run it belongs to (env MLFLOW_TRACKING_URI)."""
-    run_dir = Path(run_dir)
+def sync(path: Path) -> int:
+    """Send a buffer left behind to the run it belongs to (env MLFLOW_TRACKING_URI). `path` is a stage's
+    artifact folder, its `.partial` folder, or the tracking folder itself."""
+    path = Path(path)
+    run_dir = path if (path / BUFFER_NAME).is_file() or path.name.endswith(".tracking") else tracking_dir(path)
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     saved = run_dir / RUN_ID_NAME
     run_id = os.environ.get(ENV_RUN_ID) or (saved.read_text().strip() if saved.is_file() else None)
@@ -312,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m stages.tracking")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("sync", help="send a run folder's MLflow buffer")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("sync", help="send a stage's MLflow buffer (left while the server was down)")
+    p.add_argument("run_dir", type=Path, help="the stage's artifact folder (or its .tracking folder)")
     args = parser.parse_args(argv)
     return sync(args.run_dir)
 

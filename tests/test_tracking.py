@@ -84,7 +84,8 @@ def test_parent_id_creates_one_nested_run_reused_on_restart(store, tmp_path, mon
     again = Tracker.from_env(tmp_path / "train.partial")  # a restarted job
     again.log_metrics({"loss": 1.0}, step=2)
     again.close()
-    assert again.run_id == first.run_id == (tmp_path / "train.partial" / RUN_ID_NAME).read_text()
+    assert again.run_id == first.run_id == (tmp_path / "train.tracking" / RUN_ID_NAME).read_text()
+    assert not (tmp_path / "train.partial").exists()  # tracking state never lands inside the artifact
     run = client.get_run(first.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.run_name == "train"
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
@@ -153,9 +154,67 @@ def test_rejected_record_is_dropped_not_buffered(store, tmp_path, monkeypatch):
     t.log_params({"lr": 2})  # MLflow params are immutable: rejected for good
     t.log_metrics({"loss": 1.0}, step=1)
     t.close()
-    assert not (tmp_path / "run" / BUFFER_NAME).exists()
+    assert not (tmp_path / "run.tracking" / BUFFER_NAME).exists()
     assert client.get_run(parent).data.metrics["loss"] == 1.0
 
 
 def test_flatten():
     assert flatten({"a": {"b": 1, "c": {"d": [1]}}, "e": {}}) == {"a.b": 1, "a.c.d": [1], "e": {}}
+
+
+def test_sync_of_a_committed_stage_finds_its_run_and_buffer_beside_the_artifact(store, tmp_path, monkeypatch):
+    """The flow passes the stage run by env; the buffer left by an outage is sent later from the artifact's
+    path alone, and the artifact's manifest never lists tracking files."""
+    from infra.stack import free_port
+    from kotodama_core.artifacts import list_outputs
+
+    uri, client, parent = store
+    stage_run = client.create_run(client.get_run(parent).info.experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # down
+    monkeypatch.setenv("KOTODAMA_MLFLOW_RUN_ID", stage_run)
+    work = tmp_path / "train.partial"
+    work.mkdir()
+    (work / "model.pt.zst").write_bytes(b"w")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = Tracker.from_env(work)
+        t.log_metrics({"loss": 0.25}, step=3)
+        t.close()
+    assert [o["path"] for o in list_outputs(work)] == ["model.pt.zst"]
+    work.rename(tmp_path / "train")  # the stage commits
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)}
+    env.pop("KOTODAMA_MLFLOW_RUN_ID")
+    res = subprocess.run([sys.executable, "-m", "stages.tracking", "sync", str(tmp_path / "train")], env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert [(m.step, m.value) for m in client.get_metric_history(stage_run, "loss")] == [(3, 0.25)]
+    assert not (tmp_path / "train.tracking" / BUFFER_NAME).exists()
+
+
+def test_flow_side_tracking_queues_what_an_outage_stops_and_sends_it_later(store, tmp_path, monkeypatch):
+    """A dead server costs a bounded wait, the run's terminal status and outputs are queued, and a sync
+    once the server answers finishes the run: none is left RUNNING."""
+    from flows import mlflow_runs
+    from infra.stack import free_port
+    from kotodama_core.artifacts import write_manifest
+
+    uri, client, parent = store
+    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path / "home"))
+    art = tmp_path / "eval"
+    art.mkdir()
+    (art / "results.json").write_text("{}")
+    manifest = write_manifest(art, stage="eval", config={}, inputs={}, metrics={"arc_easy/acc": 0.5})
+    (tmp_path / "c.yaml").write_text("name: x\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    from kotodama_core.artifacts import read_manifest
+
+    assert not mlflow_runs.record_stage_outputs(parent, read_manifest(manifest), tmp_path / "c.yaml")
+    assert not mlflow_runs.end(parent, ok=True)
+    assert time.monotonic() - t0 < 60
+    assert client.get_run(parent).info.status == "RUNNING"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert mlflow_runs.sync_pending() == (2, 0)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.metrics["final/arc_easy/acc"] == 0.5
+    assert not mlflow_runs.pending_path().exists()
