@@ -16,6 +16,7 @@ manifest, so a Prefect database reset loses nothing and a deleted artifact is re
 from __future__ import annotations
 
 import fcntl
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from flows import mlflow_runs
-from flows.launch import child_env, run_streaming, stage_command
+from flows.launch import child_env, exit_with_parent, run_streaming, stage_command
 from flows.pipelines import build_plan
 from flows.preflight import ARTIFACT_TAG
 from kotodama_core.artifacts import ArtifactError, kotodama_home, read_manifest
@@ -110,6 +111,8 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
              nca_overrides: dict[str, Any] | None = None, init_checkpoint: str | None = None,
              init_run_id: str | None = None, init_step: int | None = None) -> dict[str, str]:
     logger = get_run_logger()
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):  # launched by a worker: die with it, stages included
+        exit_with_parent()
     steps = build_plan(pipeline, preset, overrides, nca_overrides, init_checkpoint, init_run_id, init_step)
     logger.info("plan: %s", ", ".join(f"{s.key}={s.digest[:12]}" for s in steps))
     for s in steps:

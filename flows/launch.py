@@ -15,6 +15,8 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -54,6 +56,23 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
+    """Flow side: end this process when the process that started it (the Prefect worker) dies.
+
+    The stages this process launched get SIGTERM through their parent-death signal, and torchrun passes it
+    on to its ranks, so a dead worker leaves no orphaned training behind."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 def run_streaming(cmd: Sequence[str], *, env: Mapping[str, str], on_line: Callable[[str], None],

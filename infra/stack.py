@@ -126,7 +126,54 @@ def _spawn(stack: Stack, name: str, cmd: list[str], env: dict[str, str]) -> int:
     return proc.pid
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on 127.0.0.1 / 0.0.0.0 `port` (Linux /proc/net/tcp, state 0A = LISTEN)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(cols[9])
+    return inodes
+
+
+def owns_port(session: int, port: int) -> bool:
+    """True when a process of the session `session` (a server we started: its own session leader) holds
+    the listening socket of `port`: proof that an answer on the port comes from our server."""
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if os.getsid(int(proc.name)) != session:
+                continue
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
 def _wait_http(url: str, name: str, pid: int, stack: Stack, timeout: float = 120) -> None:
+    """Wait until the server `pid` started answers at `url`, and prove the answer is its own."""
+    port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if not _alive(pid):
@@ -134,6 +181,9 @@ def _wait_http(url: str, name: str, pid: int, stack: Stack, timeout: float = 120
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
+                    if Path("/proc/net/tcp").is_file() and not owns_port(pid, port):
+                        raise RuntimeError(f"{name}: something answers at {url}, but not the server this stack "
+                                           f"started (pid {pid}); stop what holds port {port}")
                     return
         except OSError:
             pass
@@ -161,6 +211,10 @@ def up(stack: Stack | None = None) -> dict[str, str]:
     p_port, m_port = _port("KOTODAMA_PREFECT_PORT", 4200), _port("KOTODAMA_MLFLOW_PORT", 5000)
     urls = {"prefect_ui": f"http://127.0.0.1:{p_port}", "prefect_api": f"http://127.0.0.1:{p_port}/api",
             "mlflow": f"http://127.0.0.1:{m_port}"}
+    for name, port, var in (("Prefect", p_port, "KOTODAMA_PREFECT_PORT"), ("MLflow", m_port, "KOTODAMA_MLFLOW_PORT")):
+        if _port_taken(port):
+            raise RuntimeError(f"port {port} (for the {name} server) is held by another process, not by this "
+                               f"stack: stop it, or set {var} to another port (0 picks a free one)")
     env = {**os.environ, **stack_env(stack, urls)}
     try:
         pid = _spawn(stack, "prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
