@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -130,6 +131,17 @@ def list_outputs(root: Path) -> list[dict[str, Any]]:
     return outs
 
 
+def strict_json_value(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±Infinity) replaced by None, so it is strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json_value(v) for v in value]
+    return value
+
+
 def write_manifest(work: Path, *, stage: str, config: Any, inputs: Mapping[str, Manifest],
                    metrics: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None,
                    outputs: list[dict[str, Any]] | None = None, content: Mapping[str, str] | None = None) -> Path:
@@ -150,7 +162,8 @@ def write_manifest(work: Path, *, stage: str, config: Any, inputs: Mapping[str, 
     if extra:
         data.update(extra)
     tmp = work / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str))
+    # Strict JSON (RFC 8259): a non-finite metric is recorded as null, never as NaN or Infinity.
+    tmp.write_text(json.dumps(strict_json_value(data), indent=2, sort_keys=False, default=str, allow_nan=False))
     os.replace(tmp, work / MANIFEST)
     return work / MANIFEST
 
@@ -185,4 +198,4 @@ def file_record(path: Path, root: Path) -> dict[str, Any]:
 
 __all__ = ["ArtifactError", "Manifest", "MANIFEST", "artifact_dir", "begin", "canonical_json", "code_version",
            "commit", "file_record", "input_digest", "kotodama_home", "list_outputs", "partial_dir", "read_manifest",
-           "sha256_file", "stage_digest", "write_manifest"]
+           "sha256_file", "stage_digest", "strict_json_value", "write_manifest"]

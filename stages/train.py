@@ -16,6 +16,7 @@ from kotodama_core.config import RunConfig, dump_yaml
 from kotodama_core.train.checkpoint import artifact_weights
 from kotodama_core.train.distributed import barrier, init_distributed, shutdown
 from kotodama_core.train.engine import train
+from kotodama_core.train.guard import ResumeRefused, identity_digest, refusal, run_identity
 from stages.common import main
 from stages.registry import config_section, identity
 
@@ -39,16 +40,32 @@ def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, 
     return artifact_weights(manifest.root, cfg.train.init.step), {"init": manifest}
 
 
+def finished_identity(manifest: Manifest) -> dict:
+    """The run identity a finished training artifact was made under (from its manifest)."""
+    return run_identity(manifest.data.get("config") or {}, {k: v["digest"] for k, v in manifest.data.get("inputs", {}).items()})
+
+
+def reuse_finished(out: Path, identity: dict) -> Path:
+    """`out`'s manifest when `out` was made by this run identity; otherwise refuse by name."""
+    manifest = read_manifest(out)
+    old = finished_identity(manifest)
+    if identity_digest(old) != identity_digest(identity):
+        raise ResumeRefused(refusal(f"{out}", old, identity, f"choose another --out or remove {out} to retrain"))
+    return manifest.path
+
+
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     if "data" not in inputs:
         raise ArtifactError("the train stage needs a `data` input (a data or NCA-data artifact)")
     out = Path(out).resolve()
+    data = read_manifest(inputs["data"])
+    init_path, init_manifest = resolve_init(cfg, inputs)
+    this_run = run_identity(config_section(STAGE, cfg),
+                            {name: m.digest for name, m in {"data": data, **init_manifest}.items()})
     if (out / MANIFEST).is_file():
-        return out / MANIFEST
+        return reuse_finished(out, this_run)
     info = init_distributed()
     try:
-        data = read_manifest(inputs["data"])
-        init_path, init_manifest = resolve_init(cfg, inputs)
         if info.is_main:
             begin(out, keep_partial=True)
         barrier(info)
@@ -62,13 +79,15 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
                                 for k, v in body.items()})
             sink = tracker.log_metrics
         try:
-            result = train(cfg, data.root, work, init_path=init_path, on_metrics=sink, info=info)
+            result = train(cfg, data.root, work, init_path=init_path, on_metrics=sink, info=info, identity=this_run)
         finally:
             if tracker is not None:
                 tracker.close()
         if info.is_main:
             (work / "config.yaml").write_text(dump_yaml(cfg))
             metrics = {"final_loss": result.final_loss, "tokens_seen": result.tokens_seen, "steps": result.steps}
+            if result.budget is not None:
+                metrics.update(epochs=result.budget.epochs, training_tokens=result.budget.training_tokens)
             if result.val_loss is not None:
                 metrics["val_loss"] = result.val_loss
             if result.val_loss_averaged is not None:
@@ -78,6 +97,7 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
                            extra={"model_file": "model.pt.zst", "checkpoints": result.checkpoints,
                                   "milestones": list(cfg.train.checkpoint.milestones),
                                   "init": result.metrics.get("init"), "resumed_from": result.resumed_from,
+                                  "status": result.status,
                                   "averaged_model_file": result.averaged_model_file,
                                   "averaging_updates": result.averaging_updates})
             commit(out)

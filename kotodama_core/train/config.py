@@ -89,6 +89,14 @@ class TrainConfig(StrictModel):
     log_every: int = 10
     val_every: int = 0
     val_batches: int = 8
+    # Refuse to start when steps × global_batch_tokens exceeds this many passes over the training tokens
+    # of the data artifact (kotodama_core/train/budget.py); null = no limit. 1.05 lets a one-pass card run
+    # overshoot its mix by rounding and the held-out split, and refuses silent repetition.
+    max_epochs: float | None = 1.05
+    # Seconds between training progress lines (kotodama_core.progress; the first and last step always print).
+    progress_every_s: float = 10.0
+    # Checkpoints are written by a background thread from a CPU copy of the state; false = write in the loop.
+    async_checkpoint: bool = True
     checkpoint: CheckpointConfig = CheckpointConfig()
     init: InitConfig = InitConfig()
     monitor: MonitorConfig = MonitorConfig()
@@ -99,6 +107,8 @@ class TrainConfig(StrictModel):
     def _check(self) -> "TrainConfig":
         require_positive(self, "train.", ("seq_len", "micro_batch", "global_batch_tokens", "steps", "nproc",
                                           "log_every"))
+        if self.max_epochs is not None and self.max_epochs <= 0:
+            raise ValueError(f"train.max_epochs must be positive or null, got {self.max_epochs}")
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:

@@ -32,6 +32,8 @@ from kotodama_core.model.attnres import AttnResRuntime
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
 from kotodama_core.optim.averaging import WeightAverager
 from kotodama_core.train import checkpoint as ckpt
+from kotodama_core.train import guard
+from kotodama_core.train.budget import TokenBudget, check_budget, token_budget
 from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
                                              init_distributed)
 from kotodama_core.train.init import load_weights_strict, nca_transfer, read_weights
@@ -63,6 +65,8 @@ class TrainResult:
     averaged_model_file: str | None = None   # relative to the work folder; None without averaging
     val_loss_averaged: float | None = None
     averaging_updates: int = 0
+    status: str = "completed"           # completed | completed_after_resume
+    budget: TokenBudget | None = None
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
@@ -79,13 +83,39 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics file. A torn last line (the run was killed mid-write) is dropped with a
+    warning; a bad line elsewhere means the file was edited or corrupted, and stops the run by name."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: dropping a torn last line (the run was killed while writing it)",
+                              stacklevel=2)
+                break
+            raise TrainingError(f"{path} line {i + 1} is not JSON ({exc.msg}); repair or remove the file "
+                                "to resume") from None
+    return records
+
+
 def _truncate_jsonl(path: Path, before_step: int) -> None:
     """Drop records logged at or after `before_step` (a killed run may have logged past its checkpoint)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", -1) < before_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = [r for r in _read_jsonl(path) if r.get("step", -1) < before_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def last_finite_loss(path: Path) -> float | None:
+    """The last finite `loss` logged in a metrics file (None when there is none)."""
+    losses = [r["loss"] for r in _read_jsonl(path) if isinstance(r.get("loss"), (int, float))]
+    finite = [v for v in losses if math.isfinite(v)]
+    return float(finite[-1]) if finite else None
 
 
 def _loader_for(cfg: RunConfig, data_dir: Path, info: DistInfo) -> TokenLoader:
@@ -204,20 +234,39 @@ def _build_averager(model: KotodamaLM, cfg: RunConfig) -> WeightAverager | None:
                           swa_lr_threshold=a.swa_lr_threshold)
 
 
+def default_identity(cfg: RunConfig, data_dir: Path) -> dict[str, Any]:
+    """The run identity of the training stage: its config sections and its data input's digest."""
+    from kotodama_core.artifacts import read_manifest
+    return guard.run_identity({s: cfg.section(s) for s in guard.TRAIN_SECTIONS},
+                              {"data": read_manifest(data_dir).digest})
+
+
+def _load_resume_file(init_path: Path) -> tuple[int, dict[str, Any]]:
+    state = ckpt.load_pt_zst(init_path)
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise TrainingError(f"{init_path} is a bare state dict (weights only), not a training checkpoint: "
+                            "train.init.mode='resume' needs a step_XXXXXXX.pt.zst checkpoint; use "
+                            "train.init.mode='weights' to start from these weights")
+    return int(state["step"]), state
+
+
 def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
-                init_path: Path | None = None) -> RunState:
-    """Build model, optimizer and loader; resume from the newest checkpoint in `work`, else apply init."""
+                init_path: Path | None = None, identity: dict[str, Any] | None = None) -> RunState:
+    """Build model, optimizer and loader; resume from the newest checkpoint in `work`, else apply init.
+    A checkpoint in `work` written under another run identity is refused (guard.check_checkpoint)."""
     _check_vocab(cfg, data_dir)
     torch.manual_seed(cfg.train.seed)
     model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=cfg.train.attn_res_kernels)).to(info.device)
     loader = _loader_for(cfg, data_dir, info)
     resumed = ckpt.load_latest_checkpoint(work / "checkpoints")
+    if resumed is not None and identity is not None:
+        guard.check_checkpoint(resumed[1], identity, f"checkpoint {work / 'checkpoints' / ckpt.checkpoint_name(resumed[0])}",
+                               work)
     if resumed is None and cfg.train.init.mode == "resume":
         if init_path is None:
             raise TrainingError("train.init.mode='resume' needs a checkpoint: set train.init.checkpoint or "
                                 "pass an `init` input")
-        state = ckpt.load_pt_zst(init_path)
-        resumed = (int(state["step"]), state)
+        resumed = _load_resume_file(init_path)
     if resumed is None:
         origin = _initial_weights(model, cfg, init_path, data_dir)
         return RunState(model, build_optimizer(model, cfg.optim), loader, 0, 0, origin, False,
@@ -250,8 +299,14 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
 
 
 def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None = None,
-          on_metrics: MetricsSink | None = None, info: DistInfo | None = None) -> TrainResult:
-    """Train per `cfg` on the data artifact `data_dir`, checkpointing into `work/checkpoints`."""
+          on_metrics: MetricsSink | None = None, info: DistInfo | None = None,
+          identity: dict[str, Any] | None = None) -> TrainResult:
+    """Train per `cfg` on the data artifact `data_dir`, checkpointing into `work/checkpoints`.
+
+    `identity` (default: `default_identity`) is what this run is; `work` and its checkpoints must carry
+    the same one, else the run refuses to resume (kotodama_core/train/guard.py)."""
+    from kotodama_core.artifacts import read_manifest
+
     info = info or init_distributed()
     device = info.device
     tcfg = cfg.train
@@ -259,7 +314,17 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     total_steps = tcfg.steps
     ckdir = work / "checkpoints"
     metrics_path, geo_path = work / "metrics.jsonl", work / "geo_metrics.jsonl"
-    run = prepare_run(cfg, data_dir, work, info, init_path)
+    identity = identity if identity is not None else default_identity(cfg, data_dir)
+    budget = token_budget(read_manifest(data_dir).data, total_steps, tcfg.global_batch_tokens, tcfg.max_epochs)
+    check_budget(budget, str(data_dir))
+    if info.is_main:
+        print(budget.line(), flush=True)
+        guard.claim_work_folder(work, identity)
+        if on_metrics:
+            on_metrics({"epochs": budget.epochs, "training_tokens": float(budget.training_tokens),
+                        "tokens_to_see": float(budget.tokens_to_see)}, 0)
+    barrier(info)
+    run = prepare_run(cfg, data_dir, work, info, init_path, identity)
     model, optimizer, loader, averager = run.model, run.optimizer, run.loader, run.averager
     start_step, tokens_seen = run.start_step, run.tokens_seen
     if info.is_main:
@@ -383,7 +448,8 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                          "tokens_seen": tokens_seen, "loader": loader_states, "rng": rngs,
                          "config": cfg.model_dump(mode="json"), "config_digest": digest(cfg.model_dump(mode="json")),
-                         "model_digest": digest(cfg.section("model")), "total_steps": total_steps}
+                         "model_digest": digest(cfg.section("model")), "total_steps": total_steps,
+                         "run_identity": identity}
                 if averager is not None:
                     state["averaging"] = averager.state_dict()
                 path = ckpt.save_checkpoint(ckdir, done, state, keep_last=tcfg.checkpoint.keep_last,
@@ -408,9 +474,13 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             warnings.warn(f"{averager.kind}: no snapshot was taken (the LR multiplier never fell below "
                           f"{tcfg.averaging.swa_lr_threshold} on a multiple of {tcfg.averaging.swa_every} "
                           "steps); no averaged model is written", stacklevel=2)
+    if info.is_main:
+        logged = last_finite_loss(metrics_path)  # a run resumed at its last step logs no loss of its own
+        last_loss = logged if logged is not None else last_loss
     barrier(info)
     return TrainResult(steps=total_steps, tokens_seen=tokens_seen, final_loss=last_loss, val_loss=val_loss,
                        resumed_from=start_step if run.resumed else None,
                        checkpoints=[p.name for _, p in ckpt.list_checkpoints(ckdir)],
                        metrics={"init": run.origin}, averaged_model_file=avg_file, val_loss_averaged=val_avg,
-                       averaging_updates=averager.updates if averager is not None else 0)
+                       averaging_updates=averager.updates if averager is not None else 0,
+                       status="completed_after_resume" if run.resumed else "completed", budget=budget)

@@ -1,0 +1,104 @@
+"""Guarded resume: a work folder, and every checkpoint in it, belongs to one run identity.
+
+The identity is what makes two runs the same run: the config sections that enter the training stage's
+digest (model, optim, schedule, train) and the digests of its inputs. `<out>.partial/run.json` records it
+when a run starts, and every checkpoint carries its digest, so a rerun with another config or other data
+refuses to resume the other run's state, naming the keys that differ, instead of silently mixing them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from kotodama_core.digest import digest
+from kotodama_core.errors import UserError
+
+RUN_FILE = "run.json"
+TRAIN_SECTIONS = ("model", "optim", "schedule", "train")
+_MAX_NAMED = 8
+
+
+class ResumeRefused(UserError, RuntimeError):
+    """The work folder or checkpoint was written by another run (config or inputs differ)."""
+
+
+def run_identity(sections: Mapping[str, Any], inputs: Mapping[str, str]) -> dict[str, Any]:
+    """{"config": the training config sections, "inputs": name -> input digest} as plain JSON values."""
+    return json.loads(json.dumps({"config": dict(sections), "inputs": dict(sorted(inputs.items()))}, default=str))
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    return digest(identity)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys: {"train": {"steps": 8}} -> {"train.steps": 8}."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ, as `key: old -> new` (a missing side shows as <unset>)."""
+    a, b = flatten(old.get("config", {})), flatten(new.get("config", {}))
+    a.update({f"input {k}": v for k, v in old.get("inputs", {}).items()})
+    b.update({f"input {k}": v for k, v in new.get("inputs", {}).items()})
+    unset = "<unset>"
+    return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted(set(a) | set(b)) if a.get(k, unset) != b.get(k, unset)]
+
+
+def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str) -> str:
+    """One line: what was written by another run, the keys that differ, and how to start fresh."""
+    diffs = differing_keys(old, new)
+    named = "; ".join(diffs[:_MAX_NAMED]) + (f"; and {len(diffs) - _MAX_NAMED} more" if len(diffs) > _MAX_NAMED else "")
+    return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}"
+
+
+def fresh_hint(work: Path) -> str:
+    out = work.with_name(work.name.removesuffix(".partial"))
+    return f"to start fresh remove {work} or choose another --out than {out}"
+
+
+def claim_work_folder(work: Path, identity: Mapping[str, Any]) -> None:
+    """Write `work/run.json` for `identity`, or refuse when the folder holds another run's identity."""
+    path = work / RUN_FILE
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            recorded = None
+        if not isinstance(recorded, dict) or "identity" not in recorded:
+            raise ResumeRefused(f"{path} is unreadable, so this work folder cannot be resumed safely; "
+                                f"{fresh_hint(work)}")
+        if recorded.get("digest") != identity_digest(identity):
+            raise ResumeRefused(refusal(str(work), recorded["identity"], identity, fresh_hint(work)))
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({"digest": identity_digest(identity), "identity": identity}, indent=2,
+                              allow_nan=False))
+    os.replace(tmp, path)
+
+
+def check_checkpoint(state: Mapping[str, Any], identity: Mapping[str, Any], where: str, work: Path) -> None:
+    """Refuse a checkpoint whose recorded run identity is not `identity` (checkpoints written before
+    identities were recorded are compared on their config sections)."""
+    recorded = state.get("run_identity")
+    if recorded is None:
+        config = state.get("config")
+        if not isinstance(config, Mapping):
+            return  # nothing recorded to compare with
+        recorded = {"config": {s: config.get(s) for s in TRAIN_SECTIONS}, "inputs": identity.get("inputs", {})}
+    if identity_digest(recorded) != identity_digest(identity):
+        raise ResumeRefused(refusal(where, recorded, identity, fresh_hint(work)))

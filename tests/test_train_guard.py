@@ -1,0 +1,120 @@
+"""Guarded resume on the tiny preset: foreign config refused by name, foreign finished OUT refused, torn
+metrics line dropped, strict-JSON manifest with the last finite loss and a status, bare state dict refused."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+
+from kotodama_core.artifacts import partial_dir, write_manifest
+from kotodama_core.config import apply_overrides, load_tree
+from kotodama_core.schema import ConfigError
+from kotodama_core.train.engine import TrainingError
+from kotodama_core.train.guard import RUN_FILE, ResumeRefused
+from kotodama_core.train import checkpoint as ckpt
+from stages.train import run as run_train
+
+from .conftest import CONFIGS, tiny_train_overrides
+from .test_train_resume import launch, write_config
+
+
+def config(**extra):
+    from kotodama_core.config import RunConfig
+    tree = apply_overrides(load_tree(CONFIGS / "presets/tiny.yaml"), tiny_train_overrides(**extra))
+    return RunConfig.model_validate(tree)
+
+
+def killed_after(tmp_path, markov_data, step: int, **extra):
+    """A run of 8 steps SIGKILLed right after its step-`step` checkpoint (the engine's fault hook)."""
+    out = tmp_path / "run"
+    killed = launch(write_config(tmp_path / "run.yaml", **extra), out, markov_data, 1, kill_at=step)
+    assert killed.returncode != 0 and not out.exists()
+    return out, partial_dir(out)
+
+
+def test_rerun_with_another_config_refuses_to_resume(tmp_path, markov_data):
+    out = tmp_path / "run"
+    work = partial_dir(out)
+    work.mkdir()
+    from stages.train import run_identity
+    from kotodama_core.artifacts import read_manifest
+    from kotodama_core.train.guard import claim_work_folder
+    from stages.registry import config_section
+    other = config(**{"optim.adamw.lr": 1e-3})
+    claim_work_folder(work, run_identity(config_section("train", other), {"data": read_manifest(markov_data).digest}))
+    with pytest.raises(ResumeRefused) as err:
+        run_train(config(), {"data": markov_data}, out)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "optim.adamw.lr: 0.001 ->" in msg and f"remove {work}" in msg and "--out" in msg
+    assert not (work / "checkpoints").exists(), "nothing of the other run may be touched"
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path, markov_data):
+    out, work = killed_after(tmp_path, markov_data, 4)
+    (work / RUN_FILE).unlink()  # an older work folder without run.json: the checkpoint itself is checked
+    with pytest.raises(ResumeRefused, match=r"step_0000004.*train.seed: 5 -> 6"):
+        run_train(config(**{"train.seed": 6}), {"data": markov_data}, out)
+
+
+def test_finished_out_of_another_config_is_not_returned(tmp_path, markov_data):
+    out = tmp_path / "run"
+    run_train(config(**{"train.steps": 4}), {"data": markov_data}, out)
+    assert run_train(config(**{"train.steps": 4}), {"data": markov_data}, out) == out / "manifest.json"
+    with pytest.raises(ResumeRefused, match=r"train.steps: 4 -> 8.*choose another --out"):
+        run_train(config(), {"data": markov_data}, out)
+
+
+def test_torn_metrics_line_is_dropped_and_manifest_is_strict(tmp_path, markov_data):
+    out, work = killed_after(tmp_path, markov_data, 4)
+    with open(work / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 3.1, "ce"')  # killed mid-write
+    with pytest.warns(UserWarning, match="torn last line"):
+        manifest_path = run_train(config(), {"data": markov_data}, out)
+    text = manifest_path.read_text()
+    manifest = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert manifest["status"] == "completed_after_resume" and manifest["resumed_from"] == 4
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(8))
+    assert manifest["metrics"]["final_loss"] == records[-1]["loss"]
+
+
+def test_killed_after_last_checkpoint_gives_last_finite_loss(tmp_path, markov_data):
+    out, work = killed_after(tmp_path, markov_data, 8)
+    manifest = json.loads(run_train(config(), {"data": markov_data}, out).read_text())
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(manifest["metrics"]["final_loss"])
+    assert manifest["metrics"]["final_loss"] == [r["loss"] for r in logged if "loss" in r][-1]
+    assert manifest["status"] == "completed_after_resume"
+
+
+def test_fresh_run_status_and_epochs(tmp_path, markov_data):
+    manifest = json.loads(run_train(config(), {"data": markov_data}, tmp_path / "run").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["metrics"]["training_tokens"] == 256 * 32
+    assert manifest["metrics"]["epochs"] == pytest.approx(8 * 256 / (256 * 32))
+
+
+def test_manifest_writes_non_finite_as_null(tmp_path):
+    write_manifest(tmp_path, stage="x", config={}, inputs={}, metrics={"a": math.nan, "b": [math.inf, 1.0]})
+    data = json.loads((tmp_path / "manifest.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert data["metrics"] == {"a": None, "b": [None, 1.0]}
+
+
+def test_resume_from_bare_state_dict_is_one_clear_line(tmp_path, markov_data):
+    bare = tmp_path / "bare.pt.zst"
+    import torch
+    ckpt.save_pt_zst({"w": torch.zeros(2)}, bare)
+    cfg = config(**{"train.init.mode": "resume", "train.init.checkpoint": str(bare)})
+    with pytest.raises(TrainingError, match="bare state dict.*train.init.mode='weights'") as err:
+        run_train(cfg, {"data": markov_data}, tmp_path / "run")
+    assert "\n" not in str(err.value)
+
+
+def test_max_epochs_must_be_positive():
+    with pytest.raises((ConfigError, ValueError)):
+        config(**{"train.max_epochs": 0})
