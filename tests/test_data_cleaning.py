@@ -111,6 +111,60 @@ def _reference_garbage_char_count(text):
     for token in re.findall(r"(?<!\S)[^\s\w]+(?!\S)", text):
         count += sum(1 for ch in token if not ch.isascii() and not 0x1F000 <= ord(ch) <= 0x1FAFF
                      and ch != "\ufffd" and unicodedata.category(ch) in {"So", "Sk"})
+    return count + _reference_inside_words(text) + _reference_mixed_scripts(text)
+
+
+def _is_letter(ch):
+    import unicodedata
+    return unicodedata.category(ch).startswith("L")
+
+
+def _reference_inside_words(text):
+    """(e) per run of candidates: all of it when letters stand on both sides, its box characters when a
+    letter stands on one side."""
+    import unicodedata
+
+    def candidate(ch):
+        cat = unicodedata.category(ch)
+        return (not ch.isascii() and ch != "\ufffd" and ch not in "\u00b7\u2027\u30fb\uff65" and
+                (cat in ("So", "Sk", "Sc", "Po") or ch == "\u00ac" or
+                 (cat == "No" and not unicodedata.name(ch, "").startswith(("SUPERSCRIPT", "SUBSCRIPT")))))
+    count, i = 0, 0
+    while i < len(text):
+        if not candidate(text[i]):
+            i += 1
+            continue
+        j = i
+        while j < len(text) and candidate(text[j]):
+            j += 1
+        left = i > 0 and _is_letter(text[i - 1])
+        right = j < len(text) and _is_letter(text[j])
+        run = text[i:j]
+        if left and right:
+            count += len(run)
+        elif left or right:
+            count += sum(1 for ch in run if 0x2500 <= ord(ch) <= 0x259F)
+        i = j
+    return count
+
+
+def _reference_mixed_scripts(text):
+    """(f) per maximal run of letters of 4 or more: the minority of Latin against Greek and Cyrillic."""
+    import unicodedata
+    count, i = 0, 0
+    while i < len(text):
+        if not _is_letter(text[i]):
+            i += 1
+            continue
+        j = i
+        while j < len(text) and _is_letter(text[j]):
+            j += 1
+        scripts = [unicodedata.name(ch, "").split(" ", 1)[0] for ch in text[i:j]]
+        latin = scripts.count("LATIN")
+        other = scripts.count("GREEK") + scripts.count("CYRILLIC")
+        if j - i >= 4 and latin and other:
+            count += min(latin, other)
+        i = j
     return count
 
 
@@ -180,7 +234,7 @@ def test_garbage_count_equals_the_per_character_definition():
     pieces = ["a", "Z", "9", "_", " ", "  ", "\n", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\xa0", "\u3000",
               "\u2028", "-", "|", "$", "=", "■", "¦", "©", "˘", "°", "€", "😀", "\U0001f9d1", "\ufffd", "\x00",
               "\x07", "\x7f", "\x9d", "\ue000", "\U000e0080", "\U0010fffe", "\ud800", "é", "ß", "一", "\u0301",
-              "²", "½", "\u2460", "\u0660"]
+              "²", "½", "\u2460", "\u0660", "§", "¬", "·", "┤", "▓", "¢", "α", "Η", "а", "р", "×"]
     rng = random.Random(5)
     cases = ["", " ", "■", " ■ ", "a■", "■a", "■_", "_■", "©2024", "café ©2024 naïve 😀 ok", "tlie ■ man ¦ was © here"]
     cases += ["".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30))) for _ in range(5000)]

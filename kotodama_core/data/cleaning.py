@@ -6,7 +6,16 @@ A garbage character is one of
   (c) a private-use (Co), surrogate (Cs) or unassigned (Cn) code point;
   (d) a non-ASCII symbol (category So or Sk, outside the emoji blocks U+1F000-U+1FAFF) standing in a
       whitespace-delimited token that holds no letter or digit: the isolated specks OCR makes of dirt,
-      rules and ornaments ("■", "¦", "©", "˘" on their own).
+      rules and ornaments ("■", "¦", "©", "˘" on their own);
+  (e) a run of non-ASCII symbols, currency signs, vulgar fractions or other punctuation (So, Sk, Sc, Po,
+      No but super- and subscript digits, middle dots excepted: "col·lecció", "ジョン・スミス"), or of "¬"
+      (the line-break hyphen OCR leaves), with a letter right before it and right after it: garbage
+      inside a word ("gov¢rnment", "th½t", "wo■■rd", "Agr§ement", "mo¬ney"); a symbol at a word's edge
+      ("©2024", "50€", "Brand™") is kept. Box-drawing and block characters (U+2500-U+259F) count
+      when a letter touches them on either side ("┤court");
+  (f) in a word of four or more letters that mixes Latin with Greek or Cyrillic letters, the letters of
+      the script in the minority ("Ηello" with a Greek Eta, "раssword" with Cyrillic a and p): OCR and
+      homoglyph noise. Short mixed tokens ("πr", "μm") are kept for mathematics and units.
 
 Speed. Both functions here run on every document, so neither loops over characters in Python:
 
@@ -97,13 +106,16 @@ def fix_text(text: str) -> str:
 # OCR garbage: per-code-point flags in one table, filled lazily 256 code points at a time (a document
 # only ever touches a few such blocks), looked up for all characters of a document at once.
 # ---------------------------------------------------------------------------------------------------
-_GARBAGE, _SPACE, _WORD, _SYMBOL = 1, 2, 4, 8
+_GARBAGE, _SPACE, _WORD, _SYMBOL, _LETTER, _INWORD, _LATIN, _GREEK_CYRILLIC = 1, 2, 4, 8, 16, 32, 64, 128
+_BOX = 256
+_MIXED_WORD_MIN = 4
+_MIDDLE_DOTS = frozenset({0xB7, 0x2027, 0x30FB, 0xFF65})
 _BLOCK = 8  # log2 of the block size
 _SPACE_RE, _WORD_RE = re.compile(r"\s"), re.compile(r"\w")
 _BAD_CATEGORIES = frozenset({"Cc", "Co", "Cs", "Cn"})
 _SYMBOL_CATEGORIES = frozenset({"So", "Sk"})
 _KEPT_CONTROLS = frozenset("\t\n\r")
-_flags = np.zeros(0x110000, dtype=np.uint8)
+_flags = np.zeros(0x110000, dtype=np.uint16)
 _known = np.zeros(0x110000 >> _BLOCK, dtype=bool)
 
 
@@ -119,6 +131,19 @@ def _char_flags(cp: int) -> int:
         flags |= _WORD
     if cp > 0x7F and cat in _SYMBOL_CATEGORIES and not 0x1F000 <= cp <= 0x1FAFF and cp != 0xFFFD:
         flags |= _SYMBOL  # (d) candidates
+    if cp > 0x7F and cp != 0xFFFD and cp not in _MIDDLE_DOTS and (
+            cat in ("So", "Sk", "Sc", "Po") or cp == 0xAC
+            or (cat == "No" and not unicodedata.name(ch, "").startswith(("SUPERSCRIPT", "SUBSCRIPT")))):
+        flags |= _INWORD  # (e) candidates
+    if 0x2500 <= cp <= 0x259F:
+        flags |= _BOX
+    if cat.startswith("L"):
+        flags |= _LETTER
+        script = unicodedata.name(ch, "").split(" ", 1)[0]
+        if script == "LATIN":
+            flags |= _LATIN
+        elif script in ("GREEK", "CYRILLIC"):
+            flags |= _GREEK_CYRILLIC  # (f)
     return flags
 
 
@@ -149,7 +174,42 @@ def _garbage_and_visible(text: str) -> tuple[int, int]:
         has_word = np.bincount(token, weights=(flags & _WORD).astype(bool), minlength=n) > 0
         symbols = np.bincount(token, weights=symbol, minlength=n)
         count += int(symbols[~has_word].sum())
+    inword = (flags & _INWORD).astype(bool)
+    if inword.any():
+        letter = (flags & _LETTER).astype(bool)
+        count += _symbols_inside_words(inword, letter, (flags & _BOX).astype(bool))
+    if (flags & _GREEK_CYRILLIC).any() and (flags & _LATIN).any():
+        count += _mixed_script_letters(flags)
     return count, visible
+
+
+def _symbols_inside_words(candidate: np.ndarray, letter: np.ndarray, box: np.ndarray) -> int:
+    """(e): candidates in maximal candidate runs with a letter right before and right after the run (box
+    drawing: a letter on either side)."""
+    others = np.flatnonzero(~candidate)
+    pos = np.flatnonzero(candidate)
+    if others.size == 0:
+        return 0
+    k = np.searchsorted(others, pos)          # the first non-candidate after each candidate
+    before = np.where(k > 0, others[np.maximum(k - 1, 0)], -1)
+    after = np.where(k < others.size, others[np.minimum(k, others.size - 1)], -1)
+    letter_before = (before >= 0) & letter[np.maximum(before, 0)]
+    letter_after = (after >= 0) & letter[np.maximum(after, 0)]
+    return int(np.count_nonzero((letter_before & letter_after) | (box[pos] & (letter_before | letter_after))))
+
+
+def _mixed_script_letters(flags: np.ndarray) -> int:
+    """(f): per word (maximal letter run) of >= 4 letters with Latin and Greek/Cyrillic, the minority."""
+    letter = (flags & _LETTER).astype(bool)
+    starts = letter & ~np.concatenate([[False], letter[:-1]])
+    word = np.cumsum(starts) * letter                     # 0 = not in a word
+    n = int(word.max()) + 1
+    length = np.bincount(word, minlength=n)
+    latin = np.bincount(word, weights=(flags & _LATIN).astype(bool), minlength=n)
+    other = np.bincount(word, weights=(flags & _GREEK_CYRILLIC).astype(bool), minlength=n)
+    mixed = (length >= _MIXED_WORD_MIN) & (latin > 0) & (other > 0)
+    mixed[0] = False
+    return int(np.minimum(latin, other)[mixed].sum())
 
 
 def garbage_char_count(text: str) -> int:
