@@ -36,8 +36,10 @@ from kotodama_core.train import guard
 from kotodama_core.train.budget import TokenBudget, check_budget, token_budget
 from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
                                              init_distributed)
-from kotodama_core.train.init import load_weights_strict, nca_transfer, read_weights
-from kotodama_core.train.throughput import model_flops_per_token, peak_flops
+from kotodama_core.train.init import load_weights_strict, nca_transfer, read_weights, resume_state
+from kotodama_core.train.precision import apply_precision
+from kotodama_core.progress import Progress
+from kotodama_core.train.throughput import memory_gib, model_flops_per_token, peak_flops
 
 if TYPE_CHECKING:  # the run config sits above the training package; annotations only
     from kotodama_core.config import RunConfig
@@ -134,6 +136,14 @@ def _read_loss(step: int, reduced: torch.Tensor) -> tuple[float, float]:
     if not math.isfinite(loss):
         raise TrainingError(f"loss is {loss} at step {step}; stopping before the weights are saved")
     return loss, ce
+
+
+def progress_fields(record: dict[str, Any], val_loss: float | None, device: torch.device) -> dict[str, Any]:
+    """The fields of a training progress line, from a metrics record (MFU `n/a` without a known peak)."""
+    mfu = record.get("mfu")
+    return {"loss": record["loss"], "val loss": val_loss, "lr": record["lr_adamw"], "grad norm": record["grad_norm"],
+            "tokens/s": round(record["tokens_per_s"]), "mfu": f"{mfu:.1%}" if mfu is not None else "n/a",
+            "mem": f"{memory_gib(device):.2f}GiB"}
 
 
 def _check_vocab(cfg: RunConfig, data_dir: Path) -> None:
@@ -257,6 +267,7 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
     _check_vocab(cfg, data_dir)
     torch.manual_seed(cfg.train.seed)
     model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=cfg.train.attn_res_kernels)).to(info.device)
+    model = apply_precision(model, cfg.train.precision)  # bf16_pure: the original's whole-model bf16
     loader = _loader_for(cfg, data_dir, info)
     resumed = ckpt.load_latest_checkpoint(work / "checkpoints")
     if resumed is not None and identity is not None:
@@ -266,7 +277,8 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
         if init_path is None:
             raise TrainingError("train.init.mode='resume' needs a checkpoint: set train.init.checkpoint or "
                                 "pass an `init` input")
-        resumed = _load_resume_file(init_path)
+        state = resume_state(init_path, cfg)  # any checkpoint form, the original's too (train/init.py)
+        resumed = (int(state["step"]), state)
     if resumed is None:
         origin = _initial_weights(model, cfg, init_path, data_dir)
         return RunState(model, build_optimizer(model, cfg.optim), loader, 0, 0, origin, False,
@@ -278,12 +290,13 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
     load_weights_strict(model, state["model"], f"checkpoint step {start_step}")
     optimizer = build_optimizer(model, cfg.optim)
     optimizer.load_state_dict(state["optimizer"])
-    loaders = state["loader"]
+    loaders = state["loader"] or [loader.state_dict()] * info.world_size  # none kept (allow_unmapped): data from its start
     if len(loaders) != info.world_size:
         raise TrainingError(f"checkpoint step {start_step} was written by {len(loaders)} ranks; this run has "
                             f"{info.world_size}: restart with --nproc_per_node {len(loaders)}")
     loader.load_state_dict(loaders[info.rank])
-    ckpt.set_rng_state(state["rng"][info.rank])
+    if state.get("rng"):
+        ckpt.set_rng_state(state["rng"][info.rank])
     averager = _build_averager(model, cfg)
     if averager is not None:
         if state.get("averaging") is None:
@@ -368,6 +381,8 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
     milestones = set(tcfg.checkpoint.milestones)
     written: list[str] = []
+    progress = Progress("train", total_steps, every_s=tcfg.progress_every_s) if info.is_main else None
+    last_val: float | None = None
     last_loss = math.nan
     unread: tuple[int, torch.Tensor] | None = None  # (step, [loss, ce]) not yet read back
     model.train()
@@ -429,6 +444,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             _append_jsonl(metrics_path, record)
             if on_metrics:
                 on_metrics({k: v for k, v in record.items() if k != "step"}, step)
+            progress.update(done, **progress_fields(record, last_val, device))
         if monitor is not None and probe is not None and (step % tcfg.monitor.every_steps == 0
                                                           or done == total_steps):
             geo = monitor(model, probe, layers)
@@ -438,6 +454,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
         if val_now and info.is_main:
             val = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
             if val is not None:
+                last_val = val
                 _append_jsonl(metrics_path, {"step": step, "val_loss": val})
                 if on_metrics:
                     on_metrics({"val_loss": val}, step)
@@ -459,6 +476,8 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             if fault_step and done == fault_step and info.is_main:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    if progress is not None:
+        progress.close()
     val_loss, val_avg, avg_file = None, None, None
     if info.is_main:
         val_loss = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
