@@ -29,6 +29,9 @@ class InitConfig(StrictModel):
     # nca_transfer only: leave every AttnRes query and key norm at its fresh init (routing reset at the
     # language transition, the control the Kotodama proxy report never ran).
     reset_attn_res: bool = False
+    # resume only: go on when the checkpoint lacks parts this run cannot restore (an original checkpoint's
+    # data position and RNG); the loader then starts from its beginning.
+    allow_unmapped: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "InitConfig":
@@ -75,7 +78,8 @@ class TrainConfig(StrictModel):
     steps: int = 81_252
     grad_clip: float = 1.0
     # auto: bf16 autocast on CUDA, fp32 on CPU.
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    # bf16_pure: the original's whole-model bf16 cast, optimizer states included (train/precision.py).
+    precision: Literal["auto", "bf16", "fp32", "bf16_pure"] = "auto"
     compile: bool = False
     # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
     # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).

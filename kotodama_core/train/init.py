@@ -1,11 +1,24 @@
-"""Initialisation of a training run from an earlier checkpoint: `weights` and `nca_transfer` modes."""
+"""Initialisation of a training run from an earlier checkpoint: `weights`, `resume` and `nca_transfer`.
+
+Every mode takes any checkpoint form (kotodama_core.checkpoint_formats): the original's async `.pt.zst`
+or sync `.pt`, a project checkpoint or artifact folder, a bare state dict; a folder gives its newest
+step. Wrapper prefixes (`_orig_mod.`, `module.`) are removed, and the shape read off the tensors is
+checked against the run's model section with every differing dimension named.
+"""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
+
 import torch
 
-from kotodama_core.model.io import CheckpointError, load_pt_zst
+from kotodama_core.checkpoint_formats.convert import to_project_state
+from kotodama_core.checkpoint_formats.formats import read_checkpoint
+from kotodama_core.checkpoint_formats.optimizer_map import schedule_differences
+from kotodama_core.checkpoint_formats.shape import infer_shape, shape_mismatches
+from kotodama_core.model.io import CheckpointError
 
 # Tensors tied to the vocabulary: re-initialised when moving from NCA patch tokens to language.
 VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
@@ -13,14 +26,59 @@ VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 ATTN_RES_MARKERS = ("attn_res_", "mlp_res_", "final_res_")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A model state dict from a plain `.pt.zst` state dict or from a training checkpoint."""
-    obj = load_pt_zst(path, weights_only=True)
-    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: holds no model state dict")
-    return obj
+def read_weights(path: Path, model_cfg: Any = None) -> dict[str, torch.Tensor]:
+    """The prefix-free model state dict of any checkpoint form; with `model_cfg`, its shape is checked."""
+    ck = read_checkpoint(path)
+    if model_cfg is not None:
+        check_shape(ck.model, model_cfg, str(ck.path))
+    return ck.model
+
+
+def check_shape(state: dict[str, torch.Tensor], model_cfg: Any, origin: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise naming each dimension (hidden_size, num_layers, ...) where the checkpoint differs from the
+    run's model section; `skip` leaves fields out (vocab_size for nca_transfer)."""
+    bad = [m for m in shape_mismatches(infer_shape(state), model_cfg) if m.split(":")[0] not in skip]
+    if bad:
+        raise CheckpointError(f"{origin} does not fit the run's model section: {'; '.join(bad)}")
+
+
+def _dimension_mismatches(state: dict[str, torch.Tensor], model_cfg: Any) -> list[str]:
+    if model_cfg is None:
+        return []
+    try:
+        return shape_mismatches(infer_shape(state), model_cfg)
+    except CheckpointError:
+        return []  # not a Kotodama layout at all: the key comparison below names what is wrong
+
+
+def resume_state(path: Path, cfg: Any) -> dict[str, Any]:
+    """A project resume state from any checkpoint form.
+
+    The original's step N (N + 1 updates applied) resumes at project step N + 1; tokens_consumed becomes
+    tokens_seen; both optimizer states map by parameter name onto this run's optimizer; its saved
+    schedule must agree with this run's. What cannot map (data position, RNG) is named, and the run goes
+    on only with train.init.allow_unmapped (the loader then starts from its beginning).
+    """
+    ck = read_checkpoint(path)
+    check_shape(ck.model, cfg.model, str(ck.path))
+    if ck.format == "state-dict" or (ck.format == "project" and "optimizer" not in ck.state):
+        raise CheckpointError(f"{ck.path} holds weights only (no optimizer state); use train.init.mode: weights")
+    state = to_project_state(ck, cfg.model, cfg.optim)
+    if ck.is_original:
+        state.pop("model_digest", None)  # the shape was checked above; the original records no config
+        diffs = schedule_differences(ck.state.get("scheduler") or {}, cfg.optim, cfg.schedule, cfg.train.steps)
+        if diffs:
+            raise CheckpointError(f"{ck.path}: its schedule differs from this run's ({'; '.join(diffs)}); "
+                                  "set the run's optim/schedule/train.steps to match")
+    unmapped = list(state.get("unmapped") or [])
+    if state.get("loader") is None and not unmapped:
+        unmapped.append("data position (the checkpoint has no loader state)")
+    if unmapped:
+        if not getattr(cfg.train.init, "allow_unmapped", False):
+            raise CheckpointError(f"{ck.path}: resume cannot carry over {'; '.join(unmapped)}; set "
+                                  "train.init.allow_unmapped: true to go on (the data restarts from its start)")
+        warnings.warn(f"resuming from {ck.path} without {'; '.join(unmapped)}", stacklevel=2)
+    return state
 
 
 def _shape_mismatches(model_sd: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], skip=()) -> list[str]:
@@ -29,13 +87,15 @@ def _shape_mismatches(model_sd: dict[str, torch.Tensor], loaded: dict[str, torch
 
 
 def load_weights_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Load every tensor; any missing, unexpected or mis-shaped key is an error naming the keys."""
+    """Load every tensor; a differing dimension, or any missing, unexpected or mis-shaped key, is an error
+    naming it."""
+    dims = _dimension_mismatches(state, getattr(model, "cfg", None))
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = _shape_mismatches(own, state)
-    if missing or unexpected or bad:
-        parts = []
+    if missing or unexpected or bad or dims:
+        parts = ["differing dimensions: " + "; ".join(dims)] if dims else []
         if bad:
             parts.append("shape mismatch: " + "; ".join(bad[:6]))
         if missing:
