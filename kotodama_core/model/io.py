@@ -87,7 +87,12 @@ def load_pt_zst(path: str | Path, weights_only: bool = True, map_location: Any =
         raise CheckpointError(f"checkpoint not found: {path}")
     data = _decompress(path.read_bytes(), path)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
+        if not weights_only:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+        from kotodama_core.checkpoint_formats.safe_load import numpy_safe_globals
+
+        with torch.serialization.safe_globals(numpy_safe_globals()):  # loader states carry numpy scalars
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad payloads
         raise CheckpointError(f"{path}: decompressed, but the content is not a loadable torch checkpoint "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
