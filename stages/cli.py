@@ -41,6 +41,8 @@ COMMANDS: tuple[Command, ...] = (
             "stages.cli:generate_main"),
     Command("lm-eval", "lm-eval's own command line with the `kotodama` model registered",
             "kotodama_core.eval.harness:main"),
+    Command("checkpoint", "inspect or convert checkpoints of the original Kotodama code and of this project",
+            "kotodama_core.checkpoint_formats.cli:main"),
 )
 
 
