@@ -26,6 +26,12 @@ class RuleSpaceConfig(StrictModel):
     identity_bias_min: float = 0.0
     identity_bias_max: float = 0.5
     temperature: float = 1e-4
+    # When set, each rule draws its temperature uniformly from [temperature, temperature_max].
+    temperature_max: float | None = None
+    # he: N(0, 2/active fan-in) weights, no biases (this project's generator);
+    # original: the original Kotodama code's NCARule._random_init (src/nca/generator.py:176-182),
+    # weights N(0, 0.5²) and biases N(0, 0.1²) on every conv.
+    init: Literal["he", "original"] = "he"
 
     @model_validator(mode="after")
     def _check(self) -> "RuleSpaceConfig":
@@ -41,6 +47,9 @@ class RuleSpaceConfig(StrictModel):
                              f"identity_bias_max ({self.identity_bias_max})")
         if self.temperature <= 0:
             raise ValueError(f"nca.rule.temperature must be positive, got {self.temperature}")
+        if self.temperature_max is not None and self.temperature_max < self.temperature:
+            raise ValueError(f"nca.rule.temperature_max ({self.temperature_max}) is below temperature "
+                             f"({self.temperature})")
         return self
 
 

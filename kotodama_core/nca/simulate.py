@@ -31,11 +31,22 @@ def _stack(rules: Sequence[Rule], device: torch.device) -> tuple[torch.Tensor, l
     return perception, hidden, readout
 
 
+def _stack_biases(rules: Sequence[Rule], device: torch.device) -> list[torch.Tensor | None]:
+    """Per conv (perception, hidden..., readout): the rules' biases side by side, or None when no rule
+    has biases (init "he"); a rule without biases contributes zeros."""
+    if all(r.biases is None for r in rules):
+        return [None] * (rules[0].spec.depth + 2)
+    sizes = [rules[0].perception.shape[0], *(h.shape[0] for h in rules[0].hidden), rules[0].readout.shape[0]]
+    return [torch.cat([r.biases[i] if r.biases is not None else torch.zeros(n) for r in rules]).to(device)
+            for i, n in enumerate(sizes)]
+
+
 def _simulate_group(rules: Sequence[Rule], grid_ids: torch.Tensor, *, size: int, states: int, channels: int,
                     steps: int, burn_in: int, stream: int, device: torch.device) -> torch.Tensor:
     """(R, M, steps, G, H, W) uint8 for rules of one shape."""
     n_rules, n_grids, d, g = len(rules), grid_ids.numel(), states, channels
     perception, hidden, readout = _stack(rules, device)
+    conv_bias = _stack_biases(rules, device)
     k = rules[0].spec.kernel
     pad = k // 2
     bias = torch.tensor([r.spec.identity_bias for r in rules], device=device).view(1, n_rules, 1, 1, 1, 1)
@@ -63,10 +74,11 @@ def _simulate_group(rules: Sequence[Rule], grid_ids: torch.Tensor, *, size: int,
             break
         onehot = (state.unsqueeze(3) == state_ids).to(perception.dtype)  # (M, R, G, d, H, W)
         x = onehot.reshape(n_grids, n_rules * g * d, size, size)
-        h = F.relu(F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="circular"), perception, groups=n_rules))
-        for w in hidden:
-            h = F.relu(F.conv2d(h, w, groups=n_rules))
-        logits = F.conv2d(h, readout, groups=n_rules).view(n_grids, n_rules, g, d, size, size)
+        h = F.relu(F.conv2d(F.pad(x, (pad, pad, pad, pad), mode="circular"), perception, conv_bias[0],
+                            groups=n_rules))
+        for i, w in enumerate(hidden):
+            h = F.relu(F.conv2d(h, w, conv_bias[1 + i], groups=n_rules))
+        logits = F.conv2d(h, readout, conv_bias[-1], groups=n_rules).view(n_grids, n_rules, g, d, size, size)
         logits = (logits + bias * onehot) * inv_temp
         cdf = torch.softmax(logits, dim=3).cumsum(dim=3)
         u = uniforms(t + 1).unsqueeze(3)
