@@ -20,6 +20,7 @@ from kotodama_core.nca.rules import load_rule_bank
 from kotodama_core.nca.simulate import STREAM_TRAIN, STREAM_VAL
 from kotodama_core.nca.tokenizer import frame_tokens
 from kotodama_core.nca.trajectories import WindowCounts, trajectory_windows
+from kotodama_core.progress import Progress
 from stages.common import input_manifests, main
 from stages.nca_search import default_device
 from stages.registry import identity
@@ -51,6 +52,14 @@ def _write_split(work: Path, split: str, batches, shard_windows: int) -> list[Pa
     return paths
 
 
+def _with_progress(batches, progress: Progress, counts: WindowCounts, window: int):
+    """Pass the window batches through, reporting tokens (windows × window) and trajectories."""
+    for batch in batches:
+        yield batch
+        progress.update(counts.windows * window, tokens=counts.windows * window,
+                        trajectories=counts.trajectories)
+
+
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     if "rules" not in inputs:
         raise ConfigError("nca_data needs --input rules=<nca_search artifact>")
@@ -74,8 +83,9 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     splits = {}
     for split, split_rules, stream, target in (("train", train_rules, STREAM_TRAIN, nca.data.train_tokens),
                                                ("val", val_rules, STREAM_VAL, nca.data.val_tokens)):
-        batches = trajectory_windows(split_rules, nca, stream=stream, target_tokens=target, dtype=dtype,
-                                     device=device, counts=counts[split])
+        batches = _with_progress(trajectory_windows(split_rules, nca, stream=stream, target_tokens=target,
+                                                    dtype=dtype, device=device, counts=counts[split]),
+                                 Progress(f"{STAGE}:{split}", target), counts[split], nca.data.seq_len + 1)
         splits[split] = _write_split(work, split, batches, nca.data.shard_windows)
     window = nca.data.seq_len + 1
     _, end = frame_tokens(nca.states, nca.patch)

@@ -18,6 +18,7 @@ from kotodama_core.artifacts import begin, commit, write_manifest
 from kotodama_core.config import RunConfig
 from kotodama_core.nca.rules import save_rule_bank
 from kotodama_core.nca.search import score_histogram, score_summary, search_rules
+from kotodama_core.progress import Progress
 from stages.common import main
 from stages.registry import identity
 
@@ -30,7 +31,14 @@ def default_device() -> str:
 
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     nca = cfg.nca
-    result = search_rules(nca, default_device())
+    progress = Progress(STAGE, nca.search.rules)
+
+    def report(tried: int, accepted: int) -> None:
+        progress.update(accepted, tried=tried, accepted=accepted, pass_rate=accepted / max(tried, 1))
+
+    result = search_rules(nca, default_device(), progress=report)
+    progress.update(len(result.rules), force=True, tried=result.tries, accepted=len(result.rules),
+                    pass_rate=result.pass_rate)
     work = begin(out)
     scores = [float(result.scores[r.spec.index]) for r in result.rules]
     save_rule_bank(work / "rule_bank.pt", result.rules, states=nca.states, channels=nca.channels, scores=scores)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import torch
 
@@ -68,3 +69,29 @@ def test_bank_round_trip_keeps_biases(tmp_path):
     sim_a = simulate(rules, [0], size=8, states=10, channels=4, steps=3, burn_in=1, stream=0)
     sim_b = simulate(back, [0], size=8, states=10, channels=4, steps=3, burn_in=1, stream=0)
     assert torch.equal(sim_a, sim_b)
+
+
+def test_generator_bench_small(capsys):
+    from bench.nca_generators import main as bench_main
+
+    small = ["nca.grid=8", "nca.search.score_steps=4", "nca.search.score_grids=1", "nca.search.batch_rules=8"]
+    assert bench_main(["--tries", "8", "--device", "cpu", "--presets", "kotodama,original",
+                       *[a for s in small for a in ("--set", s)]]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["preset"] for r in rows] == ["kotodama", "original"] and all(r["tries"] == 8 for r in rows)
+    assert rows[1]["init"] == "original" and 0.0 <= rows[1]["pass_rate"] <= 1.0
+
+
+def test_search_and_data_progress_lines(tmp_path, capsys):
+    from kotodama_core.progress import parse_progress_line
+    from stages import nca_data, nca_search
+
+    cfg = load_config(CONFIGS / "nca/tiny.yaml",
+                      ["nca.data.train_tokens=4096", "nca.data.val_tokens=1024", "nca.data.shard_windows=16"])
+    search = nca_search.run(cfg, {}, tmp_path / "search").parent
+    nca_data.run(cfg, {"rules": search}, tmp_path / "data")
+    lines = [p for p in map(parse_progress_line, capsys.readouterr().out.splitlines()) if p]
+    stages = {p["stage"] for p in lines}
+    assert {"nca_search", "nca_data:train", "nca_data:val"} <= stages
+    last = [p for p in lines if p["stage"] == "nca_search"][-1]
+    assert last["done"] == cfg.nca.search.rules
