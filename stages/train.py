@@ -88,6 +88,8 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
             metrics = {"final_loss": result.final_loss, "tokens_seen": result.tokens_seen, "steps": result.steps}
             if result.budget is not None:
                 metrics.update(epochs=result.budget.epochs, training_tokens=result.budget.training_tokens)
+            # Seconds the loop stood still for checkpoints, validation and the monitor, kept apart.
+            metrics.update({k: v for k, v in result.metrics.items() if "_stall_s_" in k})
             if result.val_loss is not None:
                 metrics["val_loss"] = result.val_loss
             if result.val_loss_averaged is not None:

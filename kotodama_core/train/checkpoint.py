@@ -1,16 +1,31 @@
 """Training checkpoints `step_XXXXXXX.pt.zst`: written atomically, keep-last-K plus milestones.
 
 A checkpoint is a dict: model (state dict, published key layout), optimizer (both inner optimizers),
-step, tokens_seen, loader (data position), rng (per rank), config (resolved RunConfig) and its digest.
+step, tokens_seen, loader (data position), rng (per rank), config (resolved RunConfig) and its digest,
+and the run identity (kotodama_core/train/guard.py).
+
+Writing (`CheckpointWriter`): the training loop waits only while the state is copied to CPU memory
+(pinned, reused across saves, when it lives on a GPU); a background thread then serializes it with
+torch.save, compresses it with zstd (content checksum on), writes a temporary file, fsyncs it, reads it
+back (decompress + checksum + torch.load), and only then renames it into place and prunes old ones. A
+process killed at any moment leaves the previous checkpoints untouched and at most a temp file, which
+`list_checkpoints` ignores.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import random
 import re
+import signal
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 import numpy as np
 import torch
@@ -18,6 +33,10 @@ import torch
 from kotodama_core.model.io import CheckpointError, load_pt_zst, save_pt_zst
 
 _NAME = re.compile(r"^step_(\d{7,})\.pt\.zst$")
+# Fault injection for tests and drills: the writer SIGKILLs the process half-way through writing this
+# step's temporary file (a crash during a background write).
+FAULT_KILL_IN_WRITE_ENV = "KOTODAMA_FAULT_KILL_IN_WRITE_AT_STEP"
+ZSTD_LEVEL = 3
 
 
 def checkpoint_name(step: int) -> str:
@@ -49,14 +68,157 @@ def artifact_weights(root: Path, step: int | None) -> Path:
     return path
 
 
+def encode(state: Any) -> bytes:
+    """torch.save(state) compressed with zstd, content checksum on (the `.pt.zst` format)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(buf.getbuffer())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def publish_verified(data: bytes, path: Path, *, kill_half_way: bool = False) -> Path:
+    """Write `data` to a temp file beside `path`, fsync, read it back (zstd checksum and torch.load,
+    weights_only), then rename it to `path`. An unreadable file is never published."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as f:
+            if kill_half_way:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        load_pt_zst(tmp, weights_only=True)  # raises CheckpointError, naming the file, if unreadable
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_verified(state: Any, path: Path) -> Path:
+    """`state` as a `.pt.zst` file, read back before it is published (see publish_verified)."""
+    return publish_verified(encode(state), Path(path))
+
+
 def save_checkpoint(folder: Path, step: int, state: dict[str, Any], *, keep_last: int,
                     milestones: list[int] | tuple[int, ...] = ()) -> Path:
-    """Write `state` as step_XXXXXXX.pt.zst atomically, then prune to keep_last + milestones."""
+    """Write `state` as step_XXXXXXX.pt.zst atomically (read back before the rename), then prune to
+    keep_last + milestones."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(step)
-    save_pt_zst(state, path)
+    kill = os.environ.get(FAULT_KILL_IN_WRITE_ENV, "") == str(step)
+    publish_verified(encode(state), path, kill_half_way=kill)
     prune_checkpoints(folder, keep_last=keep_last, milestones=milestones)
     return path
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temp files a killed writer left (`.step_XXXXXXX.pt.zst.tmp-*`); they were never published."""
+    stale = sorted(folder.glob(".step_*.pt.zst.tmp-*")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+class HostSnapshot:
+    """Copies of a nested state (dicts, lists, tensors) in CPU memory, pinned when the source is on a GPU.
+
+    The buffers are kept and reused by the next `take` whose tensors have the same place, shape and dtype,
+    so a run pins its checkpoint memory once (pinning is the slow part of a first copy)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, state: Any) -> Any:
+        on_gpu = False
+
+        def copy(obj: Any, key: tuple) -> Any:
+            nonlocal on_gpu
+            if isinstance(obj, torch.Tensor):
+                if obj.device.type == "cpu":
+                    return obj.detach().clone()
+                on_gpu = True
+                buf = self._buffers.get(key)
+                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                    buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+                    self._buffers[key] = buf
+                buf.copy_(obj.detach(), non_blocking=True)
+                return buf
+            if isinstance(obj, dict):
+                return {k: copy(v, key + (k,)) for k, v in obj.items()}
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(copy(v, key + (i,)) for i, v in enumerate(obj))
+            return obj
+
+        out = copy(state, ())
+        if on_gpu:
+            torch.cuda.synchronize()  # the copies must be complete before the writer reads them
+        return out
+
+
+class CheckpointWriter:
+    """Saves training checkpoints; with `background` the loop waits only for the CPU snapshot.
+
+    `save(step, state)` returns the seconds the caller was blocked: waiting for the previous write (one
+    write is in flight at a time, so host memory holds one snapshot), plus the snapshot copy, plus, without
+    `background`, the whole write. `wait()` finishes the write in flight and raises its error, if any."""
+
+    def __init__(self, folder: Path, *, keep_last: int, milestones: list[int] | tuple[int, ...] = (),
+                 background: bool = True) -> None:
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        self.milestones = tuple(milestones)
+        self.background = background
+        self._snapshot = HostSnapshot()
+        remove_stale_temps(self.folder)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.written: list[Path] = []
+
+    def _write(self, step: int, state: dict[str, Any]) -> None:
+        try:
+            self.written.append(save_checkpoint(self.folder, step, state, keep_last=self.keep_last,
+                                                milestones=self.milestones))
+        except BaseException as exc:  # handed to the training thread by wait()
+            self._error = exc
+
+    def save(self, step: int, state: dict[str, Any]) -> float:
+        t0 = time.perf_counter()
+        self.wait()
+        snapshot = self._snapshot.take(state)
+        if self.background:
+            self._thread = threading.Thread(target=self._write, args=(step, snapshot),
+                                            name=f"checkpoint-{step}", daemon=True)
+            self._thread.start()
+        else:
+            self._write(step, snapshot)
+            self.wait()
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def prune_checkpoints(folder: Path, *, keep_last: int, milestones: list[int] | tuple[int, ...] = ()) -> None:

@@ -17,7 +17,7 @@ import os
 import signal
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -222,6 +222,35 @@ def evaluate_loss(model: KotodamaLM, data_dir: Path, cfg: RunConfig, device: tor
     return total / count if count else None
 
 
+class Stalls:
+    """Seconds the training loop spent away from training, per kind (checkpoint, validation, monitor).
+
+    summary(): `<kind>_stall_s_total` = Σ stalls and `<kind>_stall_s_max` = max stall, for each kind seen."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        self.last: dict[str, float] = {}
+
+    def add(self, kind: str, seconds: float) -> None:
+        self.seconds.setdefault(kind, []).append(seconds)
+        self.last[kind] = seconds
+
+    @contextmanager
+    def timing(self, kind: str, device: torch.device):
+        t0 = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the stall includes the GPU work it queued
+        self.add(kind, time.perf_counter() - t0)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, values in sorted(self.seconds.items()):
+            out[f"{kind}_stall_s_total"] = sum(values)
+            out[f"{kind}_stall_s_max"] = max(values)
+        return out
+
+
 @dataclass
 class RunState:
     """What a training run starts from: built model, optimizer and loader, positioned at `start_step`."""
@@ -249,15 +278,6 @@ def default_identity(cfg: RunConfig, data_dir: Path) -> dict[str, Any]:
     from kotodama_core.artifacts import read_manifest
     return guard.run_identity({s: cfg.section(s) for s in guard.TRAIN_SECTIONS},
                               {"data": read_manifest(data_dir).digest})
-
-
-def _load_resume_file(init_path: Path) -> tuple[int, dict[str, Any]]:
-    state = ckpt.load_pt_zst(init_path)
-    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
-        raise TrainingError(f"{init_path} is a bare state dict (weights only), not a training checkpoint: "
-                            "train.init.mode='resume' needs a step_XXXXXXX.pt.zst checkpoint; use "
-                            "train.init.mode='weights' to start from these weights")
-    return int(state["step"]), state
 
 
 def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
@@ -380,7 +400,9 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     peak = peak_flops(device)
     fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
     milestones = set(tcfg.checkpoint.milestones)
-    written: list[str] = []
+    writer = ckpt.CheckpointWriter(ckdir, keep_last=tcfg.checkpoint.keep_last, milestones=sorted(milestones),
+                                   background=tcfg.async_checkpoint) if info.is_main else None
+    stalls = Stalls()
     progress = Progress("train", total_steps, every_s=tcfg.progress_every_s) if info.is_main else None
     last_val: float | None = None
     last_loss = math.nan
@@ -447,18 +469,21 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             progress.update(done, **progress_fields(record, last_val, device))
         if monitor is not None and probe is not None and (step % tcfg.monitor.every_steps == 0
                                                           or done == total_steps):
-            geo = monitor(model, probe, layers)
+            with stalls.timing("monitor", device):
+                geo = monitor(model, probe, layers)
             _append_jsonl(geo_path, {"step": step, **geo})
             if on_metrics:
                 on_metrics(geo, step)
         if val_now and info.is_main:
-            val = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
+            with stalls.timing("validation", device):
+                val = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
             if val is not None:
                 last_val = val
                 _append_jsonl(metrics_path, {"step": step, "val_loss": val})
                 if on_metrics:
                     on_metrics({"val_loss": val}, step)
         if save_now:
+            t0 = time.perf_counter()
             loader_states = gather_objects(loader.state_dict(), info)
             rngs = gather_objects(ckpt.rng_state(), info)
             if info.is_main:
@@ -469,22 +494,29 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
                          "run_identity": identity}
                 if averager is not None:
                     state["averaging"] = averager.state_dict()
-                path = ckpt.save_checkpoint(ckdir, done, state, keep_last=tcfg.checkpoint.keep_last,
-                                            milestones=sorted(milestones))
-                written.append(path.name)
+                writer.save(done, state)
             barrier(info)
+            stalls.add("checkpoint", time.perf_counter() - t0)
+            if info.is_main:
+                stall = {"checkpoint_stall_s": stalls.last["checkpoint"]}
+                _append_jsonl(metrics_path, {"step": step, **stall})
+                if on_metrics:
+                    on_metrics(stall, step)
             if fault_step and done == fault_step and info.is_main:
+                writer.wait()  # "right after this step's checkpoint": once it is published
                 os.kill(os.getpid(), signal.SIGKILL)
 
     if progress is not None:
         progress.close()
+    if writer is not None:
+        writer.wait()
     val_loss, val_avg, avg_file = None, None, None
     if info.is_main:
         val_loss = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
-        ckpt.save_pt_zst(model.state_dict(), work / "model.pt.zst")
+        ckpt.save_verified(model.state_dict(), work / "model.pt.zst")
         if averager is not None and averager.ready:
             avg_state = averager.averaged_state_dict(model)
-            ckpt.save_pt_zst(avg_state, work / AVERAGED_MODEL_FILE)
+            ckpt.save_verified(avg_state, work / AVERAGED_MODEL_FILE)
             avg_file = AVERAGED_MODEL_FILE
             averaged = copy.deepcopy(model)  # keeps non-persistent buffers (RoPE tables) as they are
             averaged.load_state_dict(avg_state)
@@ -500,6 +532,6 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     return TrainResult(steps=total_steps, tokens_seen=tokens_seen, final_loss=last_loss, val_loss=val_loss,
                        resumed_from=start_step if run.resumed else None,
                        checkpoints=[p.name for _, p in ckpt.list_checkpoints(ckdir)],
-                       metrics={"init": run.origin}, averaged_model_file=avg_file, val_loss_averaged=val_avg,
+                       metrics={"init": run.origin, **stalls.summary()}, averaged_model_file=avg_file, val_loss_averaged=val_avg,
                        averaging_updates=averager.updates if averager is not None else 0,
                        status="completed_after_resume" if run.resumed else "completed", budget=budget)
