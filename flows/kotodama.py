@@ -16,6 +16,7 @@ manifest, so a Prefect database reset loses nothing and a deleted artifact is re
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,8 @@ from flows import mlflow_runs
 from flows.launch import child_env, exit_with_parent, run_streaming, stage_command
 from flows.pipelines import build_plan
 from flows.preflight import ARTIFACT_TAG
-from kotodama_core.artifacts import ArtifactError, kotodama_home, read_manifest
+from kotodama_core.artifacts import ArtifactError, code_version, kotodama_home, read_manifest
+from kotodama_core.digest import digest as config_digest
 from kotodama_core.config import dump_yaml
 from stages.graph import DEFAULT_PRESET, Step
 from stages.tracking import ENV_PARENT_RUN_ID, ENV_RUN_ID
@@ -81,7 +83,8 @@ def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inp
             raise ArtifactError(f"{key}: stages.{stage} wrote digest {manifest.digest[:16]}, the plan predicted "
                                 f"{digest[:16]}: the stage and stages/registry.py disagree on the stage's digest")
         if run_id:  # the artifact is committed: from here on tracking can only queue, never fail the task
-            mlflow_runs.record_stage_outputs(run_id, manifest, Path(config_path))
+            register = f"kotodama-{tracking['pipeline']}" if key == tracking.get("model_step") else None
+            mlflow_runs.record_stage_outputs(run_id, manifest, Path(config_path), register_as=register)
             mlflow_runs.end(run_id, ok=True)
         return str(manifest.path)
     except BaseException:
@@ -90,6 +93,13 @@ def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inp
         raise
     finally:
         lock.close()
+
+
+def run_name(pipeline: str, preset: str, overrides: dict[str, Any] | None) -> str:
+    """`fullcorpus · tiny · optim.muon.lr=0.03`: what a person needs to tell runs apart in a table."""
+    parts = [pipeline, preset, *(f"{k}={v}" for k, v in sorted((overrides or {}).items()))]
+    name = " · ".join(parts)
+    return name if len(name) <= 250 else name[:249] + "…"
 
 
 def config_params(config_path: str) -> dict[str, Any]:
@@ -120,7 +130,9 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
         s.config_path.write_text(dump_yaml(s.cfg))
 
     flow_run_id = str(flow_run.id or "")
-    tracking: dict[str, str] = {"flow_run_id": flow_run_id, "preset": preset}
+    training = [s.key for s in steps if s.is_training]
+    tracking: dict[str, str] = {"flow_run_id": flow_run_id, "preset": preset, "pipeline": pipeline,
+                                "model_step": training[-1] if training else ""}
     parent_id = url = None
     if mlflow_runs.enabled():
         try:
@@ -131,13 +143,16 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
             logger.warning("MLflow: queued records not sent (%s)", str(exc)[:200])
         main = steps[-1].cfg
         tags = {"kotodama.pipeline": pipeline, "kotodama.preset": preset, "prefect.flow_run_id": flow_run_id,
-                "prefect.flow_run_url": str(flow_run.ui_url or "")}
+                "prefect.flow_run_url": str(flow_run.ui_url or ""),
+                "kotodama.overrides": json.dumps(overrides or {}, sort_keys=True),
+                "kotodama.config_digest": config_digest(main.model_dump(mode="json")),
+                "kotodama.digest": steps[-1].digest, "kotodama.code_version": code_version()}
         params = {"pipeline": pipeline, "preset": preset, "overrides": overrides or {},
                   "nca_overrides": nca_overrides or {}, "init_checkpoint": init_checkpoint or "",
                   "init_run_id": init_run_id or "", "init_step": "" if init_step is None else init_step,
                   **{f"config.{k}": v for k, v in main.model_dump(mode="json").items()}}
         try:
-            parent_id, exp = mlflow_runs.start_parent(f"{pipeline}-{preset}-{flow_run.name or 'local'}", tags, params)
+            parent_id, exp = mlflow_runs.start_parent(run_name(pipeline, preset, overrides), tags, params)
         except Exception as exc:  # noqa: BLE001 - the pipeline runs without tracking rather than not at all
             logger.warning("MLflow unreachable, this flow run is not tracked: %s", str(exc)[:300])
         else:
@@ -151,6 +166,8 @@ def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrid
     try:
         for s in steps:
             results[s.key] = execute_step(s, tracking).result()
+            if parent_id:  # fresh or cached alike: the parent carries every stage's headline numbers
+                mlflow_runs.record_metrics(parent_id, mlflow_runs.headline_metrics(read_manifest(s.out), s.key))
     except BaseException:
         if parent_id:
             mlflow_runs.end(parent_id, ok=False)
@@ -187,9 +204,13 @@ def _record_cached(parent_id: str, s: Step, tracking: dict[str, str]) -> None:
 
 
 def _record_cached_run(parent_id: str, s: Step, tracking: dict[str, str]) -> None:
-    run_id = mlflow_runs.start_stage(
-        parent_id, s.key, {"kotodama.stage": s.stage, "kotodama.digest": s.digest, "kotodama.cached": "true",
-                           "kotodama.preset": tracking["preset"], ARTIFACT_TAG: str(s.out)},
-        {}, tracking["flow_run_id"])
+    exp = mlflow_runs.client().get_run(parent_id).info.experiment_id
+    computed_by = mlflow_runs.computing_run(exp, s.digest)
+    tags = {"kotodama.stage": s.stage, "kotodama.digest": s.digest, "kotodama.cached": "true",
+            "kotodama.preset": tracking["preset"], ARTIFACT_TAG: str(s.out)}
+    if computed_by:
+        tags[mlflow_runs.COMPUTED_BY_TAG] = computed_by
+    run_id = mlflow_runs.start_stage(parent_id, s.key, tags, {}, tracking["flow_run_id"])
     mlflow_runs.client().log_artifact(run_id, str(s.manifest))
+    mlflow_runs.log_metrics(run_id, mlflow_runs.headline_metrics(read_manifest(s.out)))
     mlflow_runs.end(run_id, ok=True)

@@ -6,8 +6,15 @@ key), `kotodama.stage`, `kotodama.digest`, `kotodama.preset`, `kotodama.artifact
 
 What is uploaded from a stage's artifact folder: its manifest and resolved config; small text/figure files
 (JSON, JSONL, YAML, HTML, PNG, SVG, CSV, Markdown: the rule bank, eval results, report and plots, metric
-logs); for training, the final model and the milestone checkpoints. Every other file (data shards, rolling
-checkpoints) is listed in `outputs.json` by path, bytes and sha256 instead.
+logs); for training, the final model with its config (under `model/`, registered as a version of the model
+`kotodama-<pipeline>`) and the training data as a dataset input named by its manifest digest. Every other
+file (data shards, rolling and milestone checkpoints) is listed in `outputs.json` by path, bytes and sha256
+instead; `KOTODAMA_MLFLOW_UPLOAD_CHECKPOINTS=1` uploads the milestone checkpoints as well.
+
+Metrics use the families of `stages.tracking.metric_name` (`train/loss`, `val/bpb`, `eval/<task>/acc`,
+...). The parent run gets every stage's headline numbers (`headline_metrics`: the stage's manifest metrics,
+plus tokens/s and wall time of a training run), for a fresh stage and for a cached one alike; a cached
+stage's run is tagged `kotodama.computed_by` with the run that computed its artifact (same digest).
 
 Outages: each MLflow call makes at most two attempts of at most 10 s (MLflow's own HTTP retry settings,
 unless the environment sets them). What the flow could not send (a stage's outputs, a run's terminal
@@ -27,10 +34,12 @@ from typing import Any, Mapping
 
 from kotodama_core.artifacts import Manifest, kotodama_home, read_manifest
 from kotodama_core.train.checkpoint import checkpoint_name
-from stages.tracking import flatten
+from stages.tracking import family_metrics, flatten
 
 UPLOAD_SUFFIXES = {".json", ".jsonl", ".yaml", ".yml", ".html", ".png", ".svg", ".csv", ".md", ".txt"}
 UPLOAD_MAX_BYTES = 50 << 20
+ENV_UPLOAD_CHECKPOINTS = "KOTODAMA_MLFLOW_UPLOAD_CHECKPOINTS"
+COMPUTED_BY_TAG = "kotodama.computed_by"
 EXPERIMENT = os.environ.get("KOTODAMA_MLFLOW_EXPERIMENT", "kotodama")
 # Bounded: MLflow's default retries a failing call with backoff for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -120,15 +129,92 @@ def end(run_id: str, ok: bool) -> bool:
         return False
 
 
-def record_stage_outputs(run_id: str, manifest: Manifest, config_path: Path) -> bool:
+def record_stage_outputs(run_id: str, manifest: Manifest, config_path: Path, register_as: str | None = None) -> bool:
     """`log_stage_outputs`, or, when MLflow cannot be reached, queued for `sync_pending`."""
     try:
-        log_stage_outputs(run_id, manifest, config_path)
+        log_stage_outputs(run_id, manifest, config_path, register_as=register_as)
         return True
     except Exception as exc:  # noqa: BLE001
         log.warning("MLflow unreachable: outputs of run %s queued (%s)", run_id, str(exc)[:200])
-        _queue({"kind": "outputs", "run_id": run_id, "manifest": str(manifest.path), "config": str(config_path)})
+        _queue({"kind": "outputs", "run_id": run_id, "manifest": str(manifest.path), "config": str(config_path),
+                "register_as": register_as})
         return False
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):
+        client().log_batch(run_id, metrics=items[i:i + 1000])
+
+
+def record_metrics(run_id: str, metrics: Mapping[str, float]) -> bool:
+    """`log_metrics`, or queued for `sync_pending` while MLflow cannot be reached."""
+    if not metrics:
+        return True
+    try:
+        log_metrics(run_id, metrics)
+        return True
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow unreachable: metrics of run %s queued (%s)", run_id, str(exc)[:200])
+        _queue({"kind": "metrics", "run_id": run_id, "metrics": dict(metrics)})
+        return False
+
+
+def _training_rates(root: Path) -> dict[str, float]:
+    """From a training artifact's metrics.jsonl: `tokens_per_s` = mean of the logged tokens/s after the
+    first record (which holds compilation); `wall_s` = tokens seen ÷ that rate (the loop's time; the
+    manifest's checkpoint/validation/monitor stall totals are added in `headline_metrics`)."""
+    path = root / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    rates, last_tokens = [], None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec.get("tokens_per_s"), (int, float)):
+            rates.append(float(rec["tokens_per_s"]))
+        if isinstance(rec.get("tokens_seen"), (int, float)):
+            last_tokens = float(rec["tokens_seen"])
+    steady = rates[1:] or rates
+    if not steady:
+        return {}
+    tok_s = sum(steady) / len(steady)
+    out = {"tokens_per_s": tok_s}
+    if last_tokens and tok_s > 0:
+        out["wall_s"] = last_tokens / tok_s
+    return out
+
+
+def headline_metrics(manifest: Manifest, step_key: str | None = None) -> dict[str, float]:
+    """A stage's headline numbers under their family names: its manifest metrics, and for training the
+    tokens/s and wall time of its metrics.jsonl. A step whose key is not its stage name (`nca_train`, an
+    ablation arm's `a.train`) gets its key as a prefix, so it does not hide the main training's numbers."""
+    raw = dict(manifest.data.get("metrics") or {})
+    if manifest.stage == "train":
+        raw.update({k: v for k, v in _training_rates(manifest.root).items() if k not in raw})
+        if "wall_s" in raw:
+            raw["wall_s"] += sum(float(v) for k, v in raw.items()
+                                 if k.endswith("_stall_s_total") and isinstance(v, (int, float)))
+    named = family_metrics(raw, manifest.stage)
+    if step_key and step_key != manifest.stage:
+        named = {f"{step_key}/{k}": v for k, v in named.items()}
+    return named
+
+
+def computing_run(experiment: str, digest: str) -> str | None:
+    """The newest finished, non-cached stage run with this digest: the run that computed the artifact."""
+    found = client().search_runs(
+        [experiment], filter_string=f"tags.`kotodama.digest` = '{digest}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=50)
+    for run in found:
+        if run.data.tags.get("kotodama.cached") != "true":
+            return run.info.run_id
+    return None
 
 
 def sync_pending() -> tuple[int, int]:
@@ -144,7 +230,10 @@ def sync_pending() -> tuple[int, int]:
             continue
         try:
             if rec["kind"] == "outputs":
-                log_stage_outputs(rec["run_id"], read_manifest(rec["manifest"]), Path(rec["config"]))
+                log_stage_outputs(rec["run_id"], read_manifest(rec["manifest"]), Path(rec["config"]),
+                                  register_as=rec.get("register_as"))
+            elif rec["kind"] == "metrics":
+                log_metrics(rec["run_id"], rec["metrics"])
             else:
                 client().set_terminated(rec["run_id"], status=rec["status"], end_time=rec["end_time"])
         except Exception as exc:  # noqa: BLE001
@@ -161,8 +250,7 @@ def sync_pending() -> tuple[int, int]:
 
 def _uploads(manifest: Manifest) -> list[str]:
     keep = set()
-    if manifest.stage == "train":
-        keep.add(manifest.data.get("model_file", "model.pt.zst"))
+    if manifest.stage == "train" and os.environ.get(ENV_UPLOAD_CHECKPOINTS, "0") == "1":
         for step in manifest.data.get("milestones", []) or []:
             keep.add(f"checkpoints/{checkpoint_name(int(step))}")
     for out in manifest.data["outputs"]:
@@ -171,8 +259,46 @@ def _uploads(manifest: Manifest) -> list[str]:
     return sorted(p for p in keep if (manifest.root / p).is_file())
 
 
-def log_stage_outputs(run_id: str, manifest: Manifest, config_path: Path) -> None:
-    """Manifest, resolved config, headline metrics, selected files; the rest listed with sha256."""
+def _log_model(run_id: str, manifest: Manifest, config_path: Path, register_as: str | None) -> None:
+    """The final weights and their config under `model/`; with `register_as`, a new version of that
+    registered model whose source is this run's `model/` folder."""
+    c = client()
+    weights = manifest.root / manifest.data.get("model_file", "model.pt.zst")
+    if not weights.is_file():
+        return
+    c.log_artifact(run_id, str(weights), "model")
+    c.log_artifact(run_id, str(config_path), "model")
+    if register_as:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            c.create_registered_model(register_as, description="Kotodama models trained by this pipeline")
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
+        c.create_model_version(register_as, source, run_id=run_id,
+                               tags={"kotodama.digest": manifest.digest}, await_creation_for=0)
+
+
+def _log_dataset(run_id: str, manifest: Manifest) -> None:
+    """The training data (the `data` input's manifest) as a dataset input named by its digest."""
+    data = (manifest.data.get("inputs") or {}).get("data")
+    if not data:
+        return
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+
+    ds = MetaDataset(LocalArtifactDatasetSource(str(Path(data["path"]).parent)), name=f"data-{data['digest'][:16]}",
+                     digest=data["digest"][:36])
+    client().log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(),
+                                              [InputTag("mlflow.data.context", "training")])])
+
+
+def log_stage_outputs(run_id: str, manifest: Manifest, config_path: Path, register_as: str | None = None) -> None:
+    """Manifest, resolved config, headline metrics, selected files; the rest listed with sha256. A training
+    stage also logs its model (registered as `register_as` when given) and its data as a dataset input."""
     c = client()
     c.log_artifact(run_id, str(manifest.path))
     c.log_artifact(run_id, str(config_path), "config")
@@ -180,20 +306,17 @@ def log_stage_outputs(run_id: str, manifest: Manifest, config_path: Path) -> Non
     for rel in uploaded:
         parent = str(Path("outputs", rel).parent)
         c.log_artifact(run_id, str(manifest.root / rel), parent)
+    if manifest.stage == "train":
+        _log_model(run_id, manifest, config_path, register_as)
+        _log_dataset(run_id, manifest)
     listing = [{**o, "uploaded": o["path"] in uploaded, "local_path": str(manifest.root / o["path"])}
                for o in manifest.data["outputs"]]
     with tempfile.TemporaryDirectory() as tmp:
         p = Path(tmp, "outputs.json")
         p.write_text(json.dumps(listing, indent=1))
         c.log_artifact(run_id, str(p))
-    metrics = {k: v for k, v in flatten(manifest.data.get("metrics", {})).items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if metrics:
-        from mlflow.entities import Metric
-        import time
-
-        ts = int(time.time() * 1000)
-        c.log_batch(run_id, metrics=[Metric(f"final/{k}", float(v), ts, 0) for k, v in metrics.items()])
+    steps = (manifest.data.get("metrics") or {}).get("steps")
+    log_metrics(run_id, headline_metrics(manifest), step=int(steps) if isinstance(steps, (int, float)) else 0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@ Which run is decided by the environment, so a stage never needs to know whether 
   keeps logging into the same run.
 - neither: a no-op tracker; mlflow is never imported (the GPU box has no mlflow).
 
-Only rank 0 (env `RANK` unset or "0") logs. Each MLflow call fails after one 10 s attempt (no backoff
+Metric keys are logged under their families (`metric_name`: `train/loss`, `val/loss`, `geo/<m>/layer_<k>`
+...), and MLflow's system metrics run alongside. Only rank 0 (env `RANK` unset or "0") logs. Each MLflow call fails after one 10 s attempt (no backoff
 loop). When the server is unreachable the tracker warns once, appends every record to
 `mlflow_buffer.jsonl` and training goes on; it retries at most every `KOTODAMA_MLFLOW_RETRY_S` seconds
 (default 30) and on `close()`, and sends the buffer, in order, once the server answers. A buffer left
@@ -27,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -40,6 +42,7 @@ RUN_ID_NAME = "mlflow_run_id"
 ENV_RUN_ID = "KOTODAMA_MLFLOW_RUN_ID"
 ENV_PARENT_RUN_ID = "KOTODAMA_MLFLOW_PARENT_RUN_ID"
 ENV_RETRY_S = "KOTODAMA_MLFLOW_RETRY_S"
+ENV_SYSTEM_METRICS_S = "KOTODAMA_MLFLOW_SYSTEM_METRICS_S"
 
 # MLflow rejects these for good (a param changed value, a run is gone): retrying cannot help.
 _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
@@ -47,6 +50,47 @@ _PERMANENT_ERRORS = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESO
 # log_batch limits of the MLflow REST API.
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100
 _MAX_PARAM_CHARS = 6000
+
+
+# The engine's metrics.jsonl keys (and the stage manifests' metric keys) -> MLflow metric families, so the
+# runs table and the charts group train / val / eval / geometry apart. The engine keeps its own keys.
+METRIC_FAMILIES: dict[str, str] = {
+    "loss": "train/loss", "final_loss": "train/loss", "ce": "train/ce",
+    "lr_adamw": "train/lr", "lr_muon": "train/lr_muon", "lr_mult": "train/lr_mult",
+    "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu",
+    "tokens_seen": "train/tokens_seen", "steps": "train/steps", "step_ms": "train/step_ms",
+    "epochs": "train/epochs", "training_tokens": "train/training_tokens", "wall_s": "train/wall_s",
+    "qat": "train/qat", "avg_updates": "train/avg_updates", "checkpoint_stall_s": "train/checkpoint_stall_s",
+    "val_loss": "val/loss", "val_loss_averaged": "val/loss_averaged", "val_bpb": "val/bpb",
+    "val_tokens": "val/tokens", "val_windows": "val/windows",
+}
+_GEO_KEY = re.compile(r"L(\d+)/(.+)")
+
+
+def metric_name(key: str, stage: str = "train") -> str:
+    """The MLflow name of a metric key a stage wrote: `METRIC_FAMILIES`, then `L<k>/<m>` ->
+    `geo/<m>/layer_<k>`, an eval task's `<task>/<metric>` -> `eval/<task>/<metric>`, a stall figure ->
+    `train/<key>`, anything else -> `<stage>/<key>`."""
+    if key in METRIC_FAMILIES:
+        return METRIC_FAMILIES[key]
+    geo = _GEO_KEY.fullmatch(key)
+    if geo:
+        return f"geo/{geo.group(2)}/layer_{geo.group(1)}"
+    if stage == "eval" and "/" in key:
+        return f"eval/{key}"
+    if "_stall_s" in key:
+        return f"train/{key}"
+    return f"{stage}/{key}"
+
+
+def family_metrics(metrics: Mapping[str, Any], stage: str = "train") -> dict[str, float]:
+    """Finite numeric values of `metrics` (flattened) under their family names (`metric_name`)."""
+    out: dict[str, float] = {}
+    for key, value in flatten(metrics).items():
+        f = _metric_value(value)
+        if f is not None and not math.isinf(f):  # NaN stays: a diverged run should show it
+            out[metric_name(key, stage)] = f
+    return out
 
 
 def _is_rank_zero() -> bool:
@@ -115,6 +159,7 @@ class Tracker:
         self._warned = False
         self._next_retry = 0.0
         self._retry_s = float(os.environ.get(ENV_RETRY_S, "30"))
+        self._system: Any = None
         if self.enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # Fail fast instead of MLflow's default minutes of backoff: the buffer is the retry.
@@ -128,6 +173,7 @@ class Tracker:
                 saved.write_text(self.run_id)
             if self.buffer_path.is_file():
                 self.flush()
+            self._start_system_metrics()
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -159,11 +205,7 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if not self.enabled or not metrics:
             return
-        values = {}
-        for k, v in flatten(metrics).items():
-            f = _metric_value(v)
-            if f is not None and not math.isinf(f):
-                values[k] = f
+        values = family_metrics(metrics, "train")
         if values:
             self._record({"kind": "metrics", "metrics": values, "step": int(step or 0),
                           "ts": int(time.time() * 1000)})
@@ -181,6 +223,12 @@ class Tracker:
         """Send what is buffered; if the server is still away, say where the buffer is and how to sync."""
         if not self.enabled:
             return
+        if self._system is not None:
+            try:
+                self._system.finish()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("MLflow system metrics did not stop cleanly: %s", str(exc)[:200])
+            self._system = None
         if self.buffering:
             self.flush()
         if self.buffering:
@@ -194,6 +242,24 @@ class Tracker:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
+    def _start_system_metrics(self) -> None:
+        """MLflow's own system metrics (CPU, memory, GPU: `system/...`) into the run, every
+        `KOTODAMA_MLFLOW_SYSTEM_METRICS_S` seconds (default 10; 0 turns them off). Skipped while MLflow is
+        unreachable: the monitor has no buffer."""
+        interval = float(os.environ.get(ENV_SYSTEM_METRICS_S, "10"))
+        if interval <= 0:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            run_id = self._ensure_run()
+            self._system = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1,
+                                                tracking_uri=self.tracking_uri)
+            self._system.start()
+        except Exception as exc:  # noqa: BLE001 - system metrics are a nicety, never a reason to stop
+            log.warning("MLflow system metrics off for this run: %s", str(exc)[:200])
+            self._system = None
+
     def _record(self, rec: dict[str, Any]) -> None:
         # Keep order: once something is buffered, everything after it is buffered behind it.
         if self.buffering:

@@ -100,16 +100,16 @@ def test_mlflow_holds_parent_nested_runs_metrics_and_artifacts(stack):
     train = children["train"]
     for tag in ("kotodama.stage", "kotodama.digest", "kotodama.preset", "prefect.flow_run_id"):
         assert train.data.tags[tag]
-    history = c.get_metric_history(train.info.run_id, "loss")
+    history = c.get_metric_history(train.info.run_id, "train/loss")
     assert len(history) >= 5 and history[0].step < history[-1].step
-    assert {"lr_muon", "grad_norm", "tokens_per_s"} <= set(train.data.metrics)
-    assert any(k.startswith("L0/") for k in train.data.metrics)  # geometric metrics at their steps
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "val/loss"} <= set(train.data.metrics)
+    assert any(k.startswith("geo/") and k.endswith("/layer_0") for k in train.data.metrics)  # at their steps
     arts = {a.path for a in c.list_artifacts(train.info.run_id)}
-    assert {"manifest.json", "outputs.json", "config", "outputs"} <= arts
-    outs = {a.path for a in c.list_artifacts(train.info.run_id, "outputs")}
-    assert "outputs/model.pt.zst" in outs
-    assert "outputs/checkpoints/step_0000030.pt.zst" in {a.path for a in c.list_artifacts(train.info.run_id,
-                                                                                          "outputs/checkpoints")}
+    assert {"manifest.json", "outputs.json", "config", "outputs", "model"} <= arts
+    assert "model/model.pt.zst" in {a.path for a in c.list_artifacts(train.info.run_id, "model")}
+    assert "outputs/checkpoints" not in {a.path for a in c.list_artifacts(train.info.run_id, "outputs")}
+    assert train.info.run_id in {v.run_id for v in c.search_model_versions("name = 'kotodama-fullcorpus'")}
+    assert train.inputs.dataset_inputs[0].dataset.name.startswith("data-")
     listing = json.loads(Path(c.download_artifacts(train.info.run_id, "outputs.json")).read_text())
     assert all(len(o["sha256"]) == 64 for o in listing)
     assert {a.path for a in c.list_artifacts(children["report"].info.run_id, "outputs")} >= {"outputs/report.html"}
@@ -117,6 +117,16 @@ def test_mlflow_holds_parent_nested_runs_metrics_and_artifacts(stack):
     assert c.list_artifacts(children["nca_search"].info.run_id, "outputs")  # the rule bank
     cached = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[1].info.run_id}'")
     assert {r.data.tags.get("kotodama.cached") for r in cached} == {"true"}
+    assert all(r.data.tags.get("kotodama.computed_by") for r in cached)
+    # Every parent, fresh or fully cached, carries the headline numbers, tags and a readable name.
+    for parent in parents[:2]:
+        m = parent.data.metrics
+        assert {"train/loss", "val/bpb", "train/tokens_seen", "train/epochs", "train/wall_s",
+                "train/tokens_per_s"} <= set(m), sorted(m)
+        assert any(k.startswith("eval/") and k.endswith("/acc") for k in m)
+        assert parent.info.run_name.startswith("fullcorpus · tiny")
+        for tag in ("kotodama.overrides", "kotodama.config_digest", "kotodama.code_version"):
+            assert parent.data.tags[tag]
 
 
 def test_bcpt_starts_from_the_milestone_with_fresh_optimizer_and_warmup(stack):

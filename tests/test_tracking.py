@@ -36,6 +36,7 @@ def store(mlflow_db, monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "KOTODAMA_MLFLOW_RUN_ID", "KOTODAMA_MLFLOW_PARENT_RUN_ID", "RANK"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    monkeypatch.setenv("KOTODAMA_MLFLOW_SYSTEM_METRICS_S", "0")
     uri, client, exp = mlflow_db
     return uri, client, client.create_run(exp).info.run_id
 
@@ -67,8 +68,8 @@ def test_attaches_to_given_run(store, tmp_path, monkeypatch):
         t.log_artifact(art, "config")
     run = client.get_run(stage_run)
     assert run.data.params == {"train.steps": "10", "train.milestones": "[1, 2]"}
-    assert [(m.step, m.value) for m in client.get_metric_history(stage_run, "loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
-    assert run.data.metrics["geo.erank_l0"] == 1.5 and "skip" not in run.data.metrics
+    assert [(m.step, m.value) for m in client.get_metric_history(stage_run, "train/loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    assert run.data.metrics["train/geo.erank_l0"] == 1.5 and "skip" not in run.data.metrics
     assert run.data.tags["stage"] == "train"
     assert [a.path for a in client.list_artifacts(stage_run, "config")] == ["config/config.yaml"]
     assert not (tmp_path / "run" / BUFFER_NAME).exists()
@@ -88,7 +89,7 @@ def test_parent_id_creates_one_nested_run_reused_on_restart(store, tmp_path, mon
     assert not (tmp_path / "train.partial").exists()  # tracking state never lands inside the artifact
     run = client.get_run(first.run_id)
     assert run.data.tags["mlflow.parentRunId"] == parent and run.info.run_name == "train"
-    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(first.run_id, "train/loss")] == [1, 2]
 
 
 def test_only_rank_zero_logs(store, tmp_path, monkeypatch):
@@ -124,7 +125,7 @@ def test_unreachable_server_buffers_with_one_warning_then_syncs(store, tmp_path,
     # The server answers again (same run): the next tracker on this folder sends the buffer, in order.
     Tracker(run_dir, tracking_uri=uri, run_id=stage_run)
     assert not (run_dir / BUFFER_NAME).exists()
-    history = client.get_metric_history(stage_run, "loss")
+    history = client.get_metric_history(stage_run, "train/loss")
     assert [m.step for m in history] == list(range(50))
     assert client.get_run(stage_run).data.params["train.steps"] == "50"
 
@@ -155,7 +156,7 @@ def test_rejected_record_is_dropped_not_buffered(store, tmp_path, monkeypatch):
     t.log_metrics({"loss": 1.0}, step=1)
     t.close()
     assert not (tmp_path / "run.tracking" / BUFFER_NAME).exists()
-    assert client.get_run(parent).data.metrics["loss"] == 1.0
+    assert client.get_run(parent).data.metrics["train/loss"] == 1.0
 
 
 def test_flatten():
@@ -187,7 +188,7 @@ def test_sync_of_a_committed_stage_finds_its_run_and_buffer_beside_the_artifact(
     res = subprocess.run([sys.executable, "-m", "stages.tracking", "sync", str(tmp_path / "train")], env=env,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert [(m.step, m.value) for m in client.get_metric_history(stage_run, "loss")] == [(3, 0.25)]
+    assert [(m.step, m.value) for m in client.get_metric_history(stage_run, "train/loss")] == [(3, 0.25)]
     assert not (tmp_path / "train.tracking" / BUFFER_NAME).exists()
 
 
@@ -216,5 +217,112 @@ def test_flow_side_tracking_queues_what_an_outage_stops_and_sends_it_later(store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert mlflow_runs.sync_pending() == (2, 0)
     run = client.get_run(parent)
-    assert run.info.status == "FINISHED" and run.data.metrics["final/arc_easy/acc"] == 0.5
+    assert run.info.status == "FINISHED" and run.data.metrics["eval/arc_easy/acc"] == 0.5
     assert not mlflow_runs.pending_path().exists()
+
+
+def test_engine_keys_map_to_metric_families():
+    from stages.tracking import family_metrics, metric_name
+
+    assert [metric_name(k) for k in ("loss", "lr_adamw", "grad_norm", "tokens_per_s", "mfu", "val_loss")] == [
+        "train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "val/loss"]
+    assert metric_name("val_bpb", "eval") == "val/bpb"
+    assert metric_name("ARC-Easy/acc", "eval") == "eval/ARC-Easy/acc"
+    assert metric_name("L3/stable_rank/q_proj") == "geo/stable_rank/q_proj/layer_3"
+    assert metric_name("checkpoint_stall_s_total") == "train/checkpoint_stall_s_total"
+    assert metric_name("pass_rate", "nca_search") == "nca_search/pass_rate"
+    assert family_metrics({"loss": float("inf"), "ce": 2.0, "note": "x"}) == {"train/ce": 2.0}
+
+
+def test_tracker_logs_engine_keys_under_their_families(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    monkeypatch.setenv("KOTODAMA_MLFLOW_SYSTEM_METRICS_S", "0")
+    with Tracker(tmp_path / "t", tracking_uri=uri, run_id=run_id) as t:
+        t.log_metrics({"loss": 3.5, "lr_adamw": 0.01, "L0/rankme": 12.0}, step=4)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["train/loss"] == 3.5 and metrics["train/lr"] == 0.01
+    assert metrics["geo/rankme/layer_0"] == 12.0 and "loss" not in metrics
+
+
+def test_tracker_turns_on_mlflow_system_metrics(store, tmp_path, monkeypatch):
+    uri, client, run_id = store
+    monkeypatch.setenv("KOTODAMA_MLFLOW_SYSTEM_METRICS_S", "0.5")
+    with Tracker(tmp_path / "t", tracking_uri=uri, run_id=run_id):
+        time.sleep(2.5)
+    assert any(k.startswith("system/") for k in client.get_run(run_id).data.metrics)
+
+
+def _train_artifact(root: Path, data_digest: str = "d" * 64) -> Path:
+    from kotodama_core.artifacts import write_manifest
+
+    data = root / "data"
+    data.mkdir(parents=True)
+    write_manifest(data, stage="data", config={"x": 1}, inputs={}, metrics={"tokens": 1000})
+    from kotodama_core.artifacts import read_manifest
+
+    art = root / "train"
+    (art / "checkpoints").mkdir(parents=True)
+    (art / "model.pt.zst").write_bytes(b"weights")
+    (art / "checkpoints" / "step_0000030.pt.zst").write_bytes(b"milestone")
+    (art / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 1, "loss": 9.0, "tokens_per_s": 10.0, "tokens_seen": 100},
+        {"step": 2, "loss": 8.0, "tokens_per_s": 200.0, "tokens_seen": 200},
+        {"step": 3, "loss": 7.0, "tokens_per_s": 400.0, "tokens_seen": 1200}]))
+    write_manifest(art, stage="train", config={"train": {"steps": 3}}, inputs={"data": read_manifest(data)},
+                   metrics={"final_loss": 7.0, "tokens_seen": 1200, "steps": 3, "epochs": 1.2, "val_loss": 7.5,
+                            "checkpoint_stall_s_total": 1.0},
+                   extra={"model_file": "model.pt.zst", "milestones": [30]})
+    return art
+
+
+def test_training_outputs_log_model_version_dataset_and_reference_milestones(store, tmp_path, monkeypatch):
+    """The final model is logged with its config and registered per pipeline, the data is a dataset input
+    named by its digest, and a milestone checkpoint is listed by path + sha256, not copied."""
+    from flows import mlflow_runs
+    from kotodama_core.artifacts import read_manifest
+
+    uri, client, run_id = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv(mlflow_runs.ENV_UPLOAD_CHECKPOINTS, raising=False)
+    art = _train_artifact(tmp_path)
+    (tmp_path / "c.yaml").write_text("train: {steps: 3}\n")
+    manifest = read_manifest(art)
+    mlflow_runs.log_stage_outputs(run_id, manifest, tmp_path / "c.yaml", register_as="kotodama-test")
+    assert {a.path for a in client.list_artifacts(run_id, "model")} == {"model/model.pt.zst", "model/c.yaml"}
+    versions = client.search_model_versions("name = 'kotodama-test'")
+    assert [v.run_id for v in versions] == [run_id]
+    outs = {a.path for a in client.list_artifacts(run_id, "outputs")}
+    assert "outputs/checkpoints" not in outs
+    listing = json.loads(Path(client.download_artifacts(run_id, "outputs.json")).read_text())
+    ckpt = next(o for o in listing if o["path"] == "checkpoints/step_0000030.pt.zst")
+    assert not ckpt["uploaded"] and len(ckpt["sha256"]) == 64 and Path(ckpt["local_path"]).is_file()
+    run = client.get_run(run_id)
+    data_digest = manifest.data["inputs"]["data"]["digest"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == [f"data-{data_digest[:16]}"]
+    m = run.data.metrics
+    assert m["train/loss"] == 7.0 and m["train/epochs"] == 1.2 and m["val/loss"] == 7.5
+    assert m["train/tokens_per_s"] == 300.0 and m["train/wall_s"] == 1200 / 300 + 1.0
+
+
+def test_headline_metrics_prefix_a_second_training_by_its_step_key(tmp_path):
+    from flows import mlflow_runs
+    from kotodama_core.artifacts import read_manifest
+
+    manifest = read_manifest(_train_artifact(tmp_path))
+    assert mlflow_runs.headline_metrics(manifest)["train/loss"] == 7.0
+    assert mlflow_runs.headline_metrics(manifest, "nca_train")["nca_train/train/loss"] == 7.0
+
+
+def test_cached_stage_links_to_the_run_that_computed_it(store, tmp_path, monkeypatch):
+    from flows import mlflow_runs
+
+    uri, client, parent = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    exp = client.get_run(parent).info.experiment_id
+    digest = os.urandom(8).hex()
+    computed = client.create_run(exp, tags={"kotodama.digest": digest}).info.run_id
+    client.set_terminated(computed)
+    cached = client.create_run(exp, tags={"kotodama.digest": digest, "kotodama.cached": "true"}).info.run_id
+    client.set_terminated(cached)
+    assert mlflow_runs.computing_run(exp, digest) == computed
+    assert mlflow_runs.computing_run(exp, "0" * 16) is None
