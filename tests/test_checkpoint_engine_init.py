@@ -8,6 +8,7 @@ import torch
 from kotodama_core.checkpoint_formats import convert, read_checkpoint
 from kotodama_core.config import load_config
 from kotodama_core.model.io import CheckpointError
+from kotodama_core.optim.hybrid import build_optimizer
 from kotodama_core.train.distributed import DistInfo
 from kotodama_core.train.engine import prepare_run
 from kotodama_core.train.precision import rounds_away
@@ -76,3 +77,37 @@ def test_bf16_rounding_facts():
     assert rounds_away(-6e-4 * 0.1 * 0.02, 0.02)
     assert rounds_away(6e-4, 1.0)
     assert not rounds_away(1e-2, 1.0)
+
+
+def test_decay_scope_all_decays_every_adamw_parameter():
+    from kotodama_core.model.model import KotodamaLM
+
+    model = KotodamaLM(cfg().model)
+    groups = {g["name"]: g["weight_decay"] for g in
+              build_optimizer(model, cfg(**{"optim.adamw.decay_scope": "all"}).optim).param_groups}
+    assert groups["adamw_no_decay"] == groups["adamw_decay"] == 0.1
+    default = {g["name"]: g["weight_decay"] for g in build_optimizer(model, cfg().optim).param_groups}
+    assert default["adamw_no_decay"] == 0.0
+
+
+def test_fullcorpus_original_differs_from_the_card_only_where_the_code_did():
+    card = load_config(CONFIGS / "runs/fullcorpus.yaml")
+    original = load_config(CONFIGS / "runs/fullcorpus-original.yaml")
+    assert original.train.precision == "bf16_pure" and original.optim.adamw.decay_scope == "all"
+    same = original.model_copy(update={"name": card.name, "train": card.train, "optim": card.optim})
+    assert same == card
+
+
+def test_precision_drift_bench_tiny(tmp_path, markov_data, capsys):
+    """On CPU the bf16_pure run's RMSNorm gains stay exactly 1 (updates round away) while fp32 ones move."""
+    import json
+
+    from bench.precision_drift import main as drift_main
+
+    assert drift_main(["--preset", "tiny", "--steps", "6", "--batch", "2", "--seq", "16", "--every", "2",
+                       "--set", "model.vocab_size=256", "--device", "cpu", "--out", str(tmp_path / "d.jsonl")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["bf16_pure_gain_moved_frac"] == 0.0 and summary["auto_gain_moved_frac"] > 0.5
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 8
+    assert drift_main(["--preset", "tiny", "--steps", "2", "--batch", "2", "--data", str(markov_data),
+                       "--set", "model.vocab_size=256", "--device", "cpu"]) == 0

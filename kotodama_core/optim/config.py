@@ -25,6 +25,10 @@ class AdamWConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     eps: float = 1e-8
+    # Which AdamW parameters decay: matrices (embeddings, an untied head; 1-D gains and AttnRes queries
+    # keep wd 0) or all (the original code: one AdamW group with weight_decay 0.1 over every non-Muon
+    # parameter, src/training/muon.py:411-416).
+    decay_scope: Literal["matrices", "all"] = "matrices"
 
 
 class OptimConfig(StrictModel):

@@ -6,7 +6,8 @@ norms. kind "adamw": AdamW for every parameter (the ablation baseline; its confi
 
 Weight decay in AdamW: matrices (embeddings, and in "adamw" the hidden matrices) get adamw.weight_decay;
 1-D parameters (RMSNorm gains, AttnRes queries and key norms) get 0 — decay would pull gains toward 0
-instead of their neutral value 1, and pull the AttnRes queries toward uniform mixing regardless of data.
+instead of their neutral value 1, and pull the AttnRes queries toward uniform mixing regardless of data —
+unless adamw.decay_scope is "all" (the original code's choice: every AdamW parameter decays).
 Muon applies its own muon.weight_decay to its matrices.
 """
 
@@ -98,7 +99,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> HybridOptimizer:
     a = cfg.adamw
     adam_groups = [
         {"params": [p for _, p in groups[name]], "name": name, "weight_decay": wd}
-        for name, wd in (("adamw_decay", a.weight_decay), ("adamw_no_decay", 0.0)) if groups[name]]
+        for name, wd in (("adamw_decay", a.weight_decay),
+                         ("adamw_no_decay", a.weight_decay if a.decay_scope == "all" else 0.0)) if groups[name]]
     if adam_groups:
         on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])
         optimizers["adamw"] = torch.optim.AdamW(
