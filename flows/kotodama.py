@@ -1,7 +1,9 @@
 """The `kotodama` Prefect flow: resolve configs, plan the stages, run each as a cached task, track in MLflow.
 
-Deployments (infra/prefect.yaml) fix `pipeline`: `fullcorpus`, `bcpt`, `nca`. Parameters:
-  preset          which run configs: `proxy-108m` (the published recipes) or `tiny` (2-core CPU demo)
+Deployments (infra/prefect.yaml) run the flows `fullcorpus`, `bcpt`, `nca` (all named `kotodama`), so
+`pipeline` is fixed by the deployment and each shows only its own parameters. Parameters:
+  preset          a choice: `tiny` (2-core CPU demo, the default) or `proxy-108m` (the published recipes,
+                  refused without a CUDA GPU by flows.preflight.check_environment before any stage)
   overrides       dotted config keys for the pipeline's run config, e.g. {"eval.limit": 8}
   nca_overrides   the same for the NCA run config inside `fullcorpus`
   init_checkpoint bcpt source: a training artifact folder or a .pt.zst file
@@ -19,7 +21,7 @@ import fcntl
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -29,11 +31,11 @@ from prefect.runtime import flow_run
 from flows import mlflow_runs
 from flows.launch import child_env, exit_with_parent, run_streaming, stage_command
 from flows.pipelines import build_plan
-from flows.preflight import ARTIFACT_TAG
+from flows.preflight import ARTIFACT_TAG, check_environment
 from kotodama_core.artifacts import ArtifactError, code_version, kotodama_home, read_manifest
 from kotodama_core.digest import digest as config_digest
 from kotodama_core.config import dump_yaml
-from stages.graph import DEFAULT_PRESET, Step
+from stages.graph import Step
 from stages.tracking import ENV_PARENT_RUN_ID, ENV_RUN_ID
 
 TRAIN_RETRIES = 1
@@ -116,14 +118,70 @@ def _link_markdown(pipeline: str, preset: str, url: str | None, steps: list[Step
             f"{rows}\n")
 
 
+# The deployments' preset choice (a dropdown in the Prefect UI); PRESETS in flows/preflight.py says what
+# each one is. The default is the CPU demo: a forgotten preset never starts the 108M recipe on a laptop.
+Preset = Literal["tiny", "proxy-108m"]
+
+
 @flow(name="kotodama")
-def kotodama(pipeline: str = "fullcorpus", preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None,
+def kotodama(pipeline: str = "fullcorpus", preset: Preset = "tiny", overrides: dict[str, Any] | None = None,
              nca_overrides: dict[str, Any] | None = None, init_checkpoint: str | None = None,
              init_run_id: str | None = None, init_step: int | None = None) -> dict[str, str]:
+    """Any pipeline by name (for scripts and tests; the deployments use `fullcorpus`, `bcpt`, `nca`)."""
+    return run_pipeline(pipeline, preset, overrides, nca_overrides, init_checkpoint, init_run_id, init_step)
+
+
+@flow(name="kotodama")
+def fullcorpus(preset: Preset = "tiny", overrides: dict[str, Any] | None = None,
+               nca_overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """data → NCA rule search → NCA data → NCA training (→ boundaries) → training → lm-eval → report.
+
+    Args:
+        preset: which run configs. tiny: 2-core CPU demo, minutes end to end; proxy-108m: the model card's
+            108M recipes (configs/runs/fullcorpus.yaml), needs CUDA GPUs.
+        overrides: dotted keys of the fullcorpus run config, e.g. {"eval.limit": 8}.
+        nca_overrides: dotted keys of the NCA run config inside fullcorpus.
+    """
+    return run_pipeline("fullcorpus", preset, overrides, nca_overrides)
+
+
+@flow(name="kotodama")
+def bcpt(preset: Preset = "tiny", overrides: dict[str, Any] | None = None, init_checkpoint: str | None = None,
+         init_run_id: str | None = None, init_step: int | None = None) -> dict[str, str]:
+    """books data → training initialised from a fullcorpus checkpoint → lm-eval → report.
+
+    Args:
+        preset: which run configs. tiny: 2-core CPU demo, minutes end to end; proxy-108m: the model card's
+            108M recipes (configs/runs/bcpt.yaml), needs CUDA GPUs.
+        overrides: dotted keys of the bcpt run config.
+        init_checkpoint: a training artifact folder or a .pt.zst file to start from.
+        init_run_id: an MLflow run to start from (a fullcorpus parent run or its train stage run).
+        init_step: the checkpoint step of that source (default: the config's train.init.step).
+    """
+    return run_pipeline("bcpt", preset, overrides, None, init_checkpoint, init_run_id, init_step)
+
+
+@flow(name="kotodama")
+def nca(preset: Preset = "tiny", overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """NCA rule search → NCA data → NCA training (→ boundary derivation).
+
+    Args:
+        preset: which run configs. tiny: 2-core CPU demo, minutes end to end; proxy-108m: the model card's
+            recipe (configs/runs/nca.yaml), needs CUDA GPUs.
+        overrides: dotted keys of the NCA run config.
+    """
+    return run_pipeline("nca", preset, overrides)
+
+
+def run_pipeline(pipeline: str, preset: str, overrides: dict[str, Any] | None = None,
+                 nca_overrides: dict[str, Any] | None = None, init_checkpoint: str | None = None,
+                 init_run_id: str | None = None, init_step: int | None = None) -> dict[str, str]:
+    """The body of every `kotodama` flow: plan, preflight, track, run each stage as a cached task."""
     logger = get_run_logger()
     if os.environ.get("PREFECT__FLOW_RUN_ID"):  # launched by a worker: die with it, stages included
         exit_with_parent()
     steps = build_plan(pipeline, preset, overrides, nca_overrides, init_checkpoint, init_run_id, init_step)
+    check_environment(preset, steps)
     logger.info("plan: %s", ", ".join(f"{s.key}={s.digest[:12]}" for s in steps))
     for s in steps:
         s.config_path.parent.mkdir(parents=True, exist_ok=True)

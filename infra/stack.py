@@ -227,6 +227,9 @@ def up(stack: Stack | None = None) -> dict[str, str]:
         _wait_http(urls["prefect_api"] + "/health", "prefect-server", pid, stack)
         _wait_http(urls["mlflow"] + "/health", "mlflow-server", mpid, stack)
         _prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+        # One flow run at a time on the pool (not only per worker): two GPU jobs never share a device,
+        # however many workers serve it. KOTODAMA_POOL_CONCURRENCY raises it where jobs do not collide.
+        _prefect(["work-pool", "set-concurrency-limit", POOL, str(pool_concurrency())], env)
         _prefect(["deploy", "--all", "--prefect-file", str(REPO_ROOT / "infra" / "prefect.yaml")], env)
         stack.env_file.write_text(json.dumps(urls, indent=1))
         start_worker(stack)
@@ -238,6 +241,14 @@ def up(stack: Stack | None = None) -> dict[str, str]:
     print(f"Prefect UI:  {urls['prefect_ui']}\nMLflow UI:   {urls['mlflow']}\n"
           f"client env:  source {stack.state / 'stack.env'}")
     return urls
+
+
+def pool_concurrency() -> int:
+    """The work pool's concurrency limit: `KOTODAMA_POOL_CONCURRENCY` (default 1: one device, one job)."""
+    raw = os.environ.get("KOTODAMA_POOL_CONCURRENCY", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"KOTODAMA_POOL_CONCURRENCY={raw!r}: give a whole number >= 1 (flow runs at a time)")
+    return int(raw)
 
 
 def start_worker(stack: Stack) -> int:
