@@ -233,3 +233,14 @@ def test_resume_refuses_other_schedule(tmp_path, orig):
     cfg = _run_cfg(steps=200, allow_unmapped=True)
     with pytest.raises(CheckpointError, match="total_steps: checkpoint 100 vs run 200"):
         resume_state(path, cfg)
+
+
+def test_bare_state_dict_converts_to_original_step_zero(tmp_path, orig):
+    from kotodama_core.model.io import save_pt_zst
+
+    src = save_pt_zst({k: v.float() for k, v in orig["model"].items()}, tmp_path / "model.pt.zst")
+    assert read_checkpoint(src).format == "state-dict"
+    convert(src, tmp_path / "o", to="original", boundaries=TINY_BOUNDARIES)
+    back = original_load_latest(tmp_path / "o")
+    assert back["step"] == 0 and "muon_optimizer" not in back
+    _assert_same_tensors(orig["model"], back["model"])

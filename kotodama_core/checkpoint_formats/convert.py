@@ -80,7 +80,8 @@ def to_original_state(ck: Checkpoint, cfg: KotodamaConfig) -> dict[str, Any]:
     if ck.is_original:
         return {**ck.state, "model": model}
     updates = ck.updates or 0
-    state: dict[str, Any] = {"step": updates - 1, "tokens_consumed": ck.tokens or 0, "model": model}
+    # The original's step N holds N + 1 updates; weights without a step count are written as step 0.
+    state: dict[str, Any] = {"step": max(updates - 1, 0), "tokens_consumed": ck.tokens or 0, "model": model}
     if ck.format == "project" and "optimizer" in ck.state:
         run = ck.state.get("config") or {}
         optim = OptimConfig.model_validate(run.get("optim") or {})
