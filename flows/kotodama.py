@@ -32,6 +32,7 @@ from flows import mlflow_runs
 from flows.launch import child_env, exit_with_parent, run_streaming, stage_command
 from flows.pipelines import build_plan
 from flows.preflight import ARTIFACT_TAG, check_environment
+from flows.stage_artifacts import ProgressFollower, publish_headline
 from kotodama_core.artifacts import ArtifactError, code_version, kotodama_home, read_manifest
 from kotodama_core.digest import digest as config_digest
 from kotodama_core.config import dump_yaml
@@ -78,8 +79,13 @@ def run_stage(key: str, stage: str, digest: str, config_path: str, out: str, inp
         env.pop(ENV_PARENT_RUN_ID, None)
         logs = kotodama_home() / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        run_streaming(cmd, env=env, on_line=lambda line: logger.info("%s | %s", key, line),
-                      log_file=logs / f"{key}-{digest[:16]}.log")
+        follow = ProgressFollower(key)
+
+        def on_line(line: str) -> None:
+            logger.info("%s | %s", key, line)
+            follow(line)
+
+        run_streaming(cmd, env=env, on_line=on_line, log_file=logs / f"{key}-{digest[:16]}.log")
         manifest = read_manifest(out_dir)
         if manifest.digest != digest:
             raise ArtifactError(f"{key}: stages.{stage} wrote digest {manifest.digest[:16]}, the plan predicted "
@@ -223,7 +229,10 @@ def run_pipeline(pipeline: str, preset: str, overrides: dict[str, Any] | None = 
     results: dict[str, str] = {}
     try:
         for s in steps:
-            results[s.key] = execute_step(s, tracking).result()
+            state = execute_step(s, tracking)
+            results[s.key] = state.result()
+            headline = mlflow_runs.headline_metrics(read_manifest(s.out))
+            publish_headline(s.key, s.stage, s.digest, str(s.out), headline, cached=state.name == "Cached")
             if parent_id:  # fresh or cached alike: the parent carries every stage's headline numbers
                 mlflow_runs.record_metrics(parent_id, mlflow_runs.headline_metrics(read_manifest(s.out), s.key))
     except BaseException:

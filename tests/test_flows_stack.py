@@ -56,6 +56,17 @@ def run(deployment: str, timeout: float | None = None, **params):
     return fr, (task_states(fr.id) if timeout != 0 else {})
 
 
+def prefect_artifacts(flow_run_id) -> dict:
+    """Artifact key -> latest artifact of one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in sorted(found, key=lambda a: a.created) if a.key}
+
+
 def mtime(path: Path) -> float:
     return path.stat().st_mtime_ns
 
@@ -68,6 +79,11 @@ def test_fullcorpus_completes_then_reruns_cached(stack):
     train_log = stack.home / "logs" / f"train-{plan['train'].digest[:16]}.log"
     before = {p: mtime(p) for p in (stack.home / "logs").iterdir()}
     assert train_log in before
+    artifacts = prefect_artifacts(fr.id)
+    assert artifacts["progress-train"].data == 100.0  # followed the training's progress lines to the end
+    assert "progress-nca-search" in artifacts  # every stage that prints progress lines gets one
+    assert "train/loss" in artifacts["stage-train"].data and "computed in this flow run" in artifacts["stage-train"].data
+    assert "eval/" in artifacts["stage-eval"].data
 
     fr2, states2 = run("fullcorpus")
     assert fr2.state.is_completed(), fr2.state.message
