@@ -202,6 +202,27 @@ def _probe_batch(cfg: RunConfig, data_dir: Path) -> torch.Tensor | None:
     return None
 
 
+@dataclass
+class GeometryMonitor:
+    """Rank 0's geometry probe: a fixed val batch and the layers to measure (train.monitor)."""
+
+    probe: torch.Tensor
+    layers: list[int]
+
+    @classmethod
+    def build(cls, cfg: RunConfig, data_dir: Path, info: DistInfo) -> "GeometryMonitor | None":
+        if not (cfg.train.monitor.enabled and info.is_main):
+            return None
+        probe = _probe_batch(cfg, data_dir)
+        if probe is None:
+            return None
+        return cls(probe.to(info.device), [i for i in cfg.train.monitor.layers if i < cfg.model.num_layers])
+
+    def measure(self, model: KotodamaLM) -> dict[str, float]:
+        from kotodama_core.train.monitor import monitor_metrics
+        return monitor_metrics(model, self.probe, self.layers)
+
+
 @torch.no_grad()
 def evaluate_loss(model: KotodamaLM, data_dir: Path, cfg: RunConfig, device: torch.device,
                   max_batches: int) -> float | None:
@@ -331,24 +352,18 @@ def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
                     averager)
 
 
-def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None = None,
-          on_metrics: MetricsSink | None = None, info: DistInfo | None = None,
-          identity: dict[str, Any] | None = None) -> TrainResult:
-    """Train per `cfg` on the data artifact `data_dir`, checkpointing into `work/checkpoints`.
+# ----------------------------------------------------------------------------------------------------
+# The pieces of `train`, in the order it uses them: set-up, resume (prepare_run above), the step,
+# logging, checkpointing, finish.
 
-    `identity` (default: `default_identity`) is what this run is; `work` and its checkpoints must carry
-    the same one, else the run refuses to resume (kotodama_core/train/guard.py)."""
+
+def _set_up(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo, identity: dict[str, Any],
+            on_metrics: MetricsSink | None) -> TokenBudget:
+    """Refuse a run above its token budget, print the budget, and claim `work` for this run identity."""
     from kotodama_core.artifacts import read_manifest
 
-    info = info or init_distributed()
-    device = info.device
-    tcfg = cfg.train
-    accum = tcfg.grad_accum_steps(info.world_size)
-    total_steps = tcfg.steps
-    ckdir = work / "checkpoints"
-    metrics_path, geo_path = work / "metrics.jsonl", work / "geo_metrics.jsonl"
-    identity = identity if identity is not None else default_identity(cfg, data_dir)
-    budget = token_budget(read_manifest(data_dir).data, total_steps, tcfg.global_batch_tokens, tcfg.max_epochs)
+    budget = token_budget(read_manifest(data_dir).data, cfg.train.steps, cfg.train.global_batch_tokens,
+                          cfg.train.max_epochs)
     check_budget(budget, str(data_dir))
     if info.is_main:
         print(budget.line(), flush=True)
@@ -357,181 +372,269 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             on_metrics({"epochs": budget.epochs, "training_tokens": float(budget.training_tokens),
                         "tokens_to_see": float(budget.tokens_to_see)}, 0)
     barrier(info)
-    run = prepare_run(cfg, data_dir, work, info, init_path, identity)
-    model, optimizer, loader, averager = run.model, run.optimizer, run.loader, run.averager
-    start_step, tokens_seen = run.start_step, run.tokens_seen
-    if info.is_main:
-        work.mkdir(parents=True, exist_ok=True)
-        _truncate_jsonl(metrics_path, start_step)
-        _truncate_jsonl(geo_path, start_step)
+    return budget
 
-    fwd = model
+
+@dataclass
+class Forwards:
+    """What a step calls: `wrapped` (the model, or its DDP wrapper, whose no_sync skips gradient
+    all-reduces), `plain` (its forward, compiled when train.compile) and, with QAT on, `qat` from step
+    `qat_start` on (compiled separately, so the switch costs one new graph, not a recompile per step)."""
+
+    wrapped: Any
+    plain: Callable
+    qat: Callable | None = None
+    qat_start: int = 0
+
+    def at(self, step: int) -> tuple[Callable, bool]:
+        """The forward of `step` and whether it fake-quantizes."""
+        qat_on = self.qat is not None and step >= self.qat_start
+        return (self.qat if qat_on else self.plain), qat_on
+
+
+def build_forwards(model: KotodamaLM, cfg: RunConfig, info: DistInfo) -> Forwards:
+    tcfg = cfg.train
+    wrapped = model
     if info.distributed:
         # Depth-recurrence parameters get no gradient before recurrence switches on.
-        fwd = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=model.has_conditionally_unused_parameters())
-    qat_fwd, qat_start = None, total_steps
+    qat, qat_start = None, tcfg.steps
     if tcfg.qat.enabled:
         from kotodama_core.quant.qat import QuantAwareForward, qat_start_step
-        qat_fwd = QuantAwareForward(fwd, tcfg.qat.bits)
-        qat_start = qat_start_step(total_steps, tcfg.qat.start_fraction)
+        qat = QuantAwareForward(wrapped, tcfg.qat.bits)
+        qat_start = qat_start_step(tcfg.steps, tcfg.qat.start_fraction)
+    plain = wrapped
     if tcfg.compile:
-        # Compiled separately, so the switch to QAT costs one new graph rather than a recompile per step.
-        qat_fwd = torch.compile(qat_fwd) if qat_fwd is not None else None
+        qat = torch.compile(qat) if qat is not None else None
         if tcfg.compile_scope == "layers":
             model.compile_regions()
-            fwd_plain = fwd
         else:
-            fwd_plain = torch.compile(fwd)
-    else:
-        fwd_plain = fwd
+            plain = torch.compile(wrapped)
+    return Forwards(wrapped, plain, qat, qat_start)
 
-    monitor, probe = None, None
-    layers = [i for i in tcfg.monitor.layers if i < cfg.model.num_layers]
-    if tcfg.monitor.enabled and info.is_main:
-        from kotodama_core.train.monitor import monitor_metrics
-        monitor = monitor_metrics
-        probe = _probe_batch(cfg, data_dir)
-        if probe is not None:
-            probe = probe.to(device)
 
-    flops_token = model_flops_per_token(cfg.model, tcfg.seq_len)
-    peak = peak_flops(device)
-    fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
-    milestones = set(tcfg.checkpoint.milestones)
-    writer = ckpt.CheckpointWriter(ckdir, keep_last=tcfg.checkpoint.keep_last, milestones=sorted(milestones),
-                                   background=tcfg.async_checkpoint) if info.is_main else None
-    stalls = Stalls()
-    progress = Progress("train", total_steps, every_s=tcfg.progress_every_s) if info.is_main else None
-    last_val: float | None = None
-    last_loss = math.nan
-    unread: tuple[int, torch.Tensor] | None = None  # (step, [loss, ce]) not yet read back
-    model.train()
-    t_last, steps_since_log = time.perf_counter(), 0
-    for step in range(start_step, total_steps):
-        model.set_training_progress(step / total_steps)
-        mult = wsd_lr_multiplier(step, total_steps, cfg.schedule)
-        optimizer.set_lr_multiplier(mult)
-        qat_on = qat_fwd is not None and step >= qat_start
-        call = qat_fwd if qat_on else fwd_plain
-        sums = torch.zeros(2, device=device)  # loss, ce summed over micro-steps
-        for micro in range(accum):
-            batch = loader.next_batch().to(device, non_blocking=True)
-            sync = info.distributed and micro < accum - 1
-            with (fwd.no_sync() if sync and hasattr(fwd, "no_sync") else nullcontext()):
-                with _autocast(cfg, device):
-                    loss, parts = call(batch[:, :-1], batch[:, 1:])
-                (loss / accum).backward()
-            sums += torch.stack([loss.detach().float(), parts["ce"].detach().float()])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+@dataclass
+class StepResult:
+    reduced: torch.Tensor     # [loss, ce] averaged over micro-steps and ranks, not yet read back
+    grad_norm: torch.Tensor
+    lr_mult: float
+    qat_on: bool
+
+
+def train_step(step: int, run: RunState, fwds: Forwards, cfg: RunConfig, info: DistInfo, accum: int) -> StepResult:
+    """One optimizer step: `accum` micro-batches forward and backward, clip, update, average."""
+    model, optimizer, total_steps = run.model, run.optimizer, cfg.train.steps
+    model.set_training_progress(step / total_steps)
+    mult = wsd_lr_multiplier(step, total_steps, cfg.schedule)
+    optimizer.set_lr_multiplier(mult)
+    call, qat_on = fwds.at(step)
+    sums = torch.zeros(2, device=info.device)  # loss, ce summed over micro-steps
+    for micro in range(accum):
+        batch = run.loader.next_batch().to(info.device, non_blocking=True)
+        sync = info.distributed and micro < accum - 1
+        with (fwds.wrapped.no_sync() if sync and hasattr(fwds.wrapped, "no_sync") else nullcontext()):
+            with _autocast(cfg, info.device):
+                loss, parts = call(batch[:, :-1], batch[:, 1:])
+            (loss / accum).backward()
+        sums += torch.stack([loss.detach().float(), parts["ce"].detach().float()])
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if run.averager is not None:
+        run.averager.update(model, step + 1, mult, in_warmup=step < cfg.schedule.warmup_steps)
+    return StepResult(all_reduce_mean(sums / accum, info), grad_norm, mult, qat_on)
+
+
+class LossReader:
+    """Reads step losses back from the device one step late, so the next step's kernels are queued while
+    the host waits; a step that logs, validates or saves reads its own loss first, so no non-finite loss
+    reaches a checkpoint."""
+
+    def __init__(self) -> None:
+        self.loss, self.ce = math.nan, math.nan
+        self._unread: tuple[int, torch.Tensor] | None = None
+
+    def after(self, step: int, reduced: torch.Tensor, now: bool) -> None:
+        if self._unread is not None:
+            self.loss, self.ce = _read_loss(*self._unread)
+            self._unread = None
+        if now:
+            self.loss, self.ce = _read_loss(step, reduced)
+        else:
+            self._unread = (step, reduced)
+
+
+class RunLog:
+    """Rank 0's records: metrics.jsonl, geo_metrics.jsonl, the metrics sink and the progress line.
+
+    tokens/s = global_batch_tokens / (seconds since the last log ÷ steps since it);
+    MFU = tokens/s × model FLOPs per token ÷ (device peak × world size)."""
+
+    def __init__(self, cfg: RunConfig, work: Path, info: DistInfo, on_metrics: MetricsSink | None,
+                 start_step: int) -> None:
+        self.cfg, self.info, self.on_metrics = cfg, info, on_metrics
+        self.metrics_path, self.geo_path = work / "metrics.jsonl", work / "geo_metrics.jsonl"
+        self.flops_token = model_flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak = peak_flops(info.device)
+        self.progress = Progress("train", cfg.train.steps, every_s=cfg.train.progress_every_s) if info.is_main else None
+        self.last_val: float | None = None
+        self._t_last, self._done_last = time.perf_counter(), start_step
+        if info.is_main:
+            _truncate_jsonl(self.metrics_path, start_step)  # a killed run may have logged past its checkpoint
+            _truncate_jsonl(self.geo_path, start_step)
+
+    def write(self, path: Path, step: int, values: dict[str, Any]) -> None:
+        _append_jsonl(path, {"step": step, **values})
+        if self.on_metrics:
+            self.on_metrics(values, step)
+
+    def step(self, step: int, out: StepResult, losses: LossReader, tokens_seen: int,
+             averager: WeightAverager | None, has_qat: bool) -> None:
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize()
+        done, now = step + 1, time.perf_counter()
+        dt = (now - self._t_last) / (done - self._done_last)
+        self._t_last, self._done_last = now, done
+        tcfg, optim, mult = self.cfg.train, self.cfg.optim, out.lr_mult
+        tok_s = tcfg.global_batch_tokens / dt
+        record = {"loss": losses.loss, "ce": losses.ce, "lr_mult": mult, "lr_muon": optim.muon.lr * mult,
+                  "lr_adamw": optim.adamw.lr * mult, "grad_norm": float(out.grad_norm), "tokens_seen": tokens_seen,
+                  "tokens_per_s": tok_s, "step_ms": dt * 1e3}
+        if self.peak:
+            record["mfu"] = tok_s * self.flops_token / (self.peak * self.info.world_size)
+        if has_qat:
+            record["qat"] = int(out.qat_on)
         if averager is not None:
-            averager.update(model, step + 1, mult, in_warmup=step < cfg.schedule.warmup_steps)
+            record["avg_updates"] = averager.updates
+        self.write(self.metrics_path, step, record)
+        self.progress.update(done, **progress_fields(record, self.last_val, self.info.device))
+
+    def validation(self, step: int, val: float | None) -> None:
+        if val is not None:
+            self.last_val = val
+            self.write(self.metrics_path, step, {"val_loss": val})
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+
+def checkpoint_state(cfg: RunConfig, run: RunState, done: int, tokens_seen: int, identity: dict[str, Any],
+                     loader_states: list[Any], rngs: list[Any]) -> dict[str, Any]:
+    """Everything step `done + 1` depends on (see the module docstring), plus what identifies the run."""
+    resolved = cfg.model_dump(mode="json")
+    state = {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": done,
+             "tokens_seen": tokens_seen, "loader": loader_states, "rng": rngs, "config": resolved,
+             "config_digest": digest(resolved), "model_digest": digest(cfg.section("model")),
+             "total_steps": cfg.train.steps, "run_identity": identity}
+    if run.averager is not None:
+        state["averaging"] = run.averager.state_dict()
+    return state
+
+
+def save_step(cfg: RunConfig, run: RunState, done: int, tokens_seen: int, identity: dict[str, Any],
+              writer: ckpt.CheckpointWriter | None, info: DistInfo) -> float:
+    """Gather every rank's data position and RNG, hand the state to rank 0's writer; seconds blocked."""
+    t0 = time.perf_counter()
+    loader_states = gather_objects(run.loader.state_dict(), info)
+    rngs = gather_objects(ckpt.rng_state(), info)
+    if writer is not None:
+        writer.save(done, checkpoint_state(cfg, run, done, tokens_seen, identity, loader_states, rngs))
+    barrier(info)
+    return time.perf_counter() - t0
+
+
+def _finish(cfg: RunConfig, data_dir: Path, work: Path, run: RunState, info: DistInfo,
+            ) -> tuple[float | None, float | None, str | None]:
+    """Rank 0: final validation, the final weights and the averaged ones (read back before publication).
+    Returns (val_loss, val_loss_averaged, averaged_model_file)."""
+    if not info.is_main:
+        return None, None, None
+    model, averager, tcfg = run.model, run.averager, cfg.train
+    val_loss = evaluate_loss(model, data_dir, cfg, info.device, tcfg.val_batches)
+    ckpt.save_verified(model.state_dict(), work / "model.pt.zst")
+    if averager is not None and averager.ready:
+        avg_state = averager.averaged_state_dict(model)
+        ckpt.save_verified(avg_state, work / AVERAGED_MODEL_FILE)
+        averaged = copy.deepcopy(model)  # keeps non-persistent buffers (RoPE tables) as they are
+        averaged.load_state_dict(avg_state)
+        return val_loss, evaluate_loss(averaged, data_dir, cfg, info.device, tcfg.val_batches), AVERAGED_MODEL_FILE
+    if averager is not None:
+        warnings.warn(f"{averager.kind}: no snapshot was taken (the LR multiplier never fell below "
+                      f"{tcfg.averaging.swa_lr_threshold} on a multiple of {tcfg.averaging.swa_every} "
+                      "steps); no averaged model is written", stacklevel=3)
+    return val_loss, None, None
+
+
+def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None = None,
+          on_metrics: MetricsSink | None = None, info: DistInfo | None = None,
+          identity: dict[str, Any] | None = None) -> TrainResult:
+    """Train per `cfg` on the data artifact `data_dir`, checkpointing into `work/checkpoints`.
+
+    `identity` (default: `default_identity`) is what this run is; `work` and its checkpoints must carry
+    the same one, else the run refuses to resume (kotodama_core/train/guard.py)."""
+    # Set-up.
+    info = info or init_distributed()
+    tcfg, total_steps = cfg.train, cfg.train.steps
+    accum = tcfg.grad_accum_steps(info.world_size)
+    identity = identity if identity is not None else default_identity(cfg, data_dir)
+    budget = _set_up(cfg, data_dir, work, info, identity, on_metrics)
+    # Resume (or initialise).
+    run = prepare_run(cfg, data_dir, work, info, init_path, identity)
+    fwds = build_forwards(run.model, cfg, info)
+    monitor = GeometryMonitor.build(cfg, data_dir, info)
+    milestones = set(tcfg.checkpoint.milestones)
+    writer = ckpt.CheckpointWriter(work / "checkpoints", keep_last=tcfg.checkpoint.keep_last,
+                                   milestones=sorted(milestones), background=tcfg.async_checkpoint
+                                   ) if info.is_main else None
+    log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
+    fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
+    stalls, losses, tokens_seen = Stalls(), LossReader(), run.tokens_seen
+    run.model.train()
+    for step in range(run.start_step, total_steps):
+        # The step.
+        out = train_step(step, run, fwds, cfg, info, accum)
         tokens_seen += tcfg.global_batch_tokens
-        steps_since_log += 1
-        reduced = all_reduce_mean(sums / accum, info)
         done = step + 1
         log_now = step % tcfg.log_every == 0 or done == total_steps
         save_now = done % tcfg.checkpoint.every_steps == 0 or done in milestones or done == total_steps
         val_now = bool(tcfg.val_every) and done % tcfg.val_every == 0
-        # Reading a loss waits for the GPU. Reading the previous step's loss instead of this one's keeps
-        # this step's kernels queued meanwhile; steps that log, validate or save read their own first,
-        # so no non-finite loss reaches a checkpoint.
-        if unread is not None:
-            last_loss, mean_ce = _read_loss(*unread)
-            unread = None
-        if log_now or save_now or val_now:
-            last_loss, mean_ce = _read_loss(step, reduced)
-        else:
-            unread = (step, reduced)
+        losses.after(step, out.reduced, now=log_now or save_now or val_now)
+        # Logging, geometry and validation.
         if info.is_main and log_now:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            dt = (now - t_last) / steps_since_log
-            t_last, steps_since_log = now, 0
-            tok_s = tcfg.global_batch_tokens / dt
-            record = {"step": step, "loss": last_loss, "ce": mean_ce, "lr_mult": mult,
-                      "lr_muon": cfg.optim.muon.lr * mult, "lr_adamw": cfg.optim.adamw.lr * mult,
-                      "grad_norm": float(grad_norm), "tokens_seen": tokens_seen, "tokens_per_s": tok_s,
-                      "step_ms": dt * 1e3}
-            if peak:
-                record["mfu"] = tok_s * flops_token / (peak * info.world_size)
-            if qat_fwd is not None:
-                record["qat"] = int(qat_on)
-            if averager is not None:
-                record["avg_updates"] = averager.updates
-            _append_jsonl(metrics_path, record)
-            if on_metrics:
-                on_metrics({k: v for k, v in record.items() if k != "step"}, step)
-            progress.update(done, **progress_fields(record, last_val, device))
-        if monitor is not None and probe is not None and (step % tcfg.monitor.every_steps == 0
-                                                          or done == total_steps):
-            with stalls.timing("monitor", device):
-                geo = monitor(model, probe, layers)
-            _append_jsonl(geo_path, {"step": step, **geo})
-            if on_metrics:
-                on_metrics(geo, step)
+            log.step(step, out, losses, tokens_seen, run.averager, has_qat=fwds.qat is not None)
+        if monitor is not None and (step % tcfg.monitor.every_steps == 0 or done == total_steps):
+            with stalls.timing("monitor", info.device):
+                geo = monitor.measure(run.model)
+            log.write(log.geo_path, step, geo)
         if val_now and info.is_main:
-            with stalls.timing("validation", device):
-                val = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
-            if val is not None:
-                last_val = val
-                _append_jsonl(metrics_path, {"step": step, "val_loss": val})
-                if on_metrics:
-                    on_metrics({"val_loss": val}, step)
+            with stalls.timing("validation", info.device):
+                val = evaluate_loss(run.model, data_dir, cfg, info.device, tcfg.val_batches)
+            log.validation(step, val)
+        # Checkpointing.
         if save_now:
-            t0 = time.perf_counter()
-            loader_states = gather_objects(loader.state_dict(), info)
-            rngs = gather_objects(ckpt.rng_state(), info)
+            stalls.add("checkpoint", save_step(cfg, run, done, tokens_seen, identity, writer, info))
             if info.is_main:
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                         "tokens_seen": tokens_seen, "loader": loader_states, "rng": rngs,
-                         "config": cfg.model_dump(mode="json"), "config_digest": digest(cfg.model_dump(mode="json")),
-                         "model_digest": digest(cfg.section("model")), "total_steps": total_steps,
-                         "run_identity": identity}
-                if averager is not None:
-                    state["averaging"] = averager.state_dict()
-                writer.save(done, state)
-            barrier(info)
-            stalls.add("checkpoint", time.perf_counter() - t0)
-            if info.is_main:
-                stall = {"checkpoint_stall_s": stalls.last["checkpoint"]}
-                _append_jsonl(metrics_path, {"step": step, **stall})
-                if on_metrics:
-                    on_metrics(stall, step)
+                log.write(log.metrics_path, step, {"checkpoint_stall_s": stalls.last["checkpoint"]})
             if fault_step and done == fault_step and info.is_main:
                 writer.wait()  # "right after this step's checkpoint": once it is published
                 os.kill(os.getpid(), signal.SIGKILL)
-
-    if progress is not None:
-        progress.close()
+    # Finish.
+    log.close()
     if writer is not None:
         writer.wait()
-    val_loss, val_avg, avg_file = None, None, None
-    if info.is_main:
-        val_loss = evaluate_loss(model, data_dir, cfg, device, tcfg.val_batches)
-        ckpt.save_verified(model.state_dict(), work / "model.pt.zst")
-        if averager is not None and averager.ready:
-            avg_state = averager.averaged_state_dict(model)
-            ckpt.save_verified(avg_state, work / AVERAGED_MODEL_FILE)
-            avg_file = AVERAGED_MODEL_FILE
-            averaged = copy.deepcopy(model)  # keeps non-persistent buffers (RoPE tables) as they are
-            averaged.load_state_dict(avg_state)
-            val_avg = evaluate_loss(averaged, data_dir, cfg, device, tcfg.val_batches)
-        elif averager is not None:
-            warnings.warn(f"{averager.kind}: no snapshot was taken (the LR multiplier never fell below "
-                          f"{tcfg.averaging.swa_lr_threshold} on a multiple of {tcfg.averaging.swa_every} "
-                          "steps); no averaged model is written", stacklevel=2)
-    if info.is_main:
-        logged = last_finite_loss(metrics_path)  # a run resumed at its last step logs no loss of its own
-        last_loss = logged if logged is not None else last_loss
+    val_loss, val_avg, avg_file = _finish(cfg, data_dir, work, run, info)
+    final_loss = losses.loss
+    if info.is_main:  # a run resumed at its last step logs no loss of its own
+        logged = last_finite_loss(log.metrics_path)
+        final_loss = logged if logged is not None else final_loss
     barrier(info)
-    return TrainResult(steps=total_steps, tokens_seen=tokens_seen, final_loss=last_loss, val_loss=val_loss,
-                       resumed_from=start_step if run.resumed else None,
-                       checkpoints=[p.name for _, p in ckpt.list_checkpoints(ckdir)],
-                       metrics={"init": run.origin, **stalls.summary()}, averaged_model_file=avg_file, val_loss_averaged=val_avg,
-                       averaging_updates=averager.updates if averager is not None else 0,
+    return TrainResult(steps=total_steps, tokens_seen=tokens_seen, final_loss=final_loss, val_loss=val_loss,
+                       resumed_from=run.start_step if run.resumed else None,
+                       checkpoints=[p.name for _, p in ckpt.list_checkpoints(work / "checkpoints")],
+                       metrics={"init": run.origin, **stalls.summary()}, averaged_model_file=avg_file,
+                       val_loss_averaged=val_avg,
+                       averaging_updates=run.averager.updates if run.averager is not None else 0,
                        status="completed_after_resume" if run.resumed else "completed", budget=budget)
