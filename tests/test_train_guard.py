@@ -118,3 +118,13 @@ def test_resume_from_bare_state_dict_is_one_clear_line(tmp_path, markov_data):
 def test_max_epochs_must_be_positive():
     with pytest.raises((ConfigError, ValueError)):
         config(**{"train.max_epochs": 0})
+
+
+def test_metrics_lines_are_strict_json(tmp_path):
+    from kotodama_core.train.engine import _append_jsonl, last_finite_loss
+    path = tmp_path / "metrics.jsonl"
+    for step, loss in enumerate([2.0, 1.5, math.inf]):
+        _append_jsonl(path, {"step": step, "loss": loss, "grad_norm": math.nan})
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(c)) for x in path.read_text().splitlines()]
+    assert lines[2] == {"step": 2, "loss": None, "grad_norm": None}
+    assert last_finite_loss(path) == 1.5

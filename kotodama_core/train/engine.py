@@ -81,8 +81,10 @@ def _autocast(cfg: RunConfig, device: torch.device):
 
 
 def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one strict-JSON line (a non-finite value, e.g. an infinite grad norm, is written as null)."""
+    from kotodama_core.artifacts import strict_json_value
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(strict_json_value(record), allow_nan=False) + "\n")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
