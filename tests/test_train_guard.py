@@ -128,3 +128,16 @@ def test_metrics_lines_are_strict_json(tmp_path):
     lines = [json.loads(x, parse_constant=lambda c: pytest.fail(c)) for x in path.read_text().splitlines()]
     assert lines[2] == {"step": 2, "loss": None, "grad_norm": None}
     assert last_finite_loss(path) == 1.5
+
+
+def test_legacy_checkpoint_compares_only_the_keys_it_recorded(tmp_path):
+    from kotodama_core.train.guard import check_checkpoint, run_identity
+    from stages.registry import config_section
+    now = run_identity(config_section("train", config()), {"data": "d"})
+    old_config = json.loads(json.dumps(now["config"]))
+    del old_config["train"]["max_epochs"]  # a key added after the checkpoint was written
+    check_checkpoint({"config": old_config}, now, "checkpoint step 4", tmp_path / "run.partial")
+    old_config["train"]["seed"] = 9
+    with pytest.raises(ResumeRefused, match=r"train.seed: 9 -> 5") as err:
+        check_checkpoint({"config": old_config}, now, "checkpoint step 4", tmp_path / "run.partial")
+    assert "max_epochs" not in str(err.value)

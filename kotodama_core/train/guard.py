@@ -58,9 +58,10 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted(set(a) | set(b)) if a.get(k, unset) != b.get(k, unset)]
 
 
-def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str) -> str:
+def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str,
+            diffs: list[str] | None = None) -> str:
     """One line: what was written by another run, the keys that differ, and how to start fresh."""
-    diffs = differing_keys(old, new)
+    diffs = differing_keys(old, new) if diffs is None else diffs
     named = "; ".join(diffs[:_MAX_NAMED]) + (f"; and {len(diffs) - _MAX_NAMED} more" if len(diffs) > _MAX_NAMED else "")
     return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}"
 
@@ -99,6 +100,12 @@ def check_checkpoint(state: Mapping[str, Any], identity: Mapping[str, Any], wher
         config = state.get("config")
         if not isinstance(config, Mapping):
             return  # nothing recorded to compare with
-        recorded = {"config": {s: config.get(s) for s in TRAIN_SECTIONS}, "inputs": identity.get("inputs", {})}
+        # Written before run identities: compare the keys it recorded (keys added to the config since then
+        # take their defaults, which is what that run used).
+        legacy, current = {"config": {s: config.get(s) for s in TRAIN_SECTIONS}}, {"config": identity.get("config", {})}
+        diffs = [d for d in differing_keys(legacy, current) if not d.split(": ", 1)[1].startswith("<unset> ->")]
+        if diffs:
+            raise ResumeRefused(refusal(where, legacy, current, fresh_hint(work), diffs))
+        return
     if identity_digest(recorded) != identity_digest(identity):
         raise ResumeRefused(refusal(where, recorded, identity, fresh_hint(work)))
