@@ -157,7 +157,10 @@ class HostSnapshot:
                 on_gpu = True
                 buf = self._buffers.get(key)
                 if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                    buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+                    try:
+                        buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
+                    except RuntimeError:  # pinned memory exhausted: pageable memory, a slower copy
+                        buf = torch.empty(obj.shape, dtype=obj.dtype)
                     self._buffers[key] = buf
                 buf.copy_(obj.detach(), non_blocking=True)
                 return buf
