@@ -244,3 +244,19 @@ def test_bare_state_dict_converts_to_original_step_zero(tmp_path, orig):
     back = original_load_latest(tmp_path / "o")
     assert back["step"] == 0 and "muon_optimizer" not in back
     _assert_same_tensors(orig["model"], back["model"])
+
+
+def test_resume_from_converted_project_folder(tmp_path, orig):
+    src = write_async(orig, tmp_path / "src")
+    convert(src, tmp_path / "proj", boundaries=TINY_BOUNDARIES)
+    with pytest.raises(CheckpointError, match="allow_unmapped"):
+        resume_state(tmp_path / "proj", _run_cfg())
+    with pytest.raises(CheckpointError, match="total_steps: checkpoint 100 vs run 50"):
+        resume_state(tmp_path / "proj", _run_cfg(steps=50, allow_unmapped=True))
+    with pytest.warns(UserWarning):
+        state = resume_state(tmp_path / "proj", _run_cfg(allow_unmapped=True))
+    assert state["step"] == 11 and state["loader"] is None and "model_digest" not in state
+    cfg = _run_cfg(allow_unmapped=True)
+    model = KotodamaLM(cfg.model)
+    load_weights_strict(model, state["model"], "x")
+    build_optimizer(model, cfg.optim).load_state_dict(state["optimizer"])

@@ -64,9 +64,13 @@ def resume_state(path: Path, cfg: Any) -> dict[str, Any]:
     if ck.format == "state-dict" or (ck.format == "project" and "optimizer" not in ck.state):
         raise CheckpointError(f"{ck.path} holds weights only (no optimizer state); use train.init.mode: weights")
     state = to_project_state(ck, cfg.model, cfg.optim)
-    if ck.is_original:
-        state.pop("model_digest", None)  # the shape was checked above; the original records no config
-        diffs = schedule_differences(ck.state.get("scheduler") or {}, cfg.optim, cfg.schedule, cfg.train.steps)
+    if str(state.get("source_format", ck.format)).startswith("original"):
+        # The shape was checked above; the original records no config, so a converted file's other model
+        # fields (rope_theta, ...) were filled in, not read, and must not refuse this run's.
+        state.pop("model_digest", None)
+    saved_schedule = ck.state.get("scheduler") if ck.is_original else ck.state.get("original_scheduler")
+    if saved_schedule:
+        diffs = schedule_differences(saved_schedule, cfg.optim, cfg.schedule, cfg.train.steps)
         if diffs:
             raise CheckpointError(f"{ck.path}: its schedule differs from this run's ({'; '.join(diffs)}); "
                                   "set the run's optim/schedule/train.steps to match")
