@@ -188,6 +188,10 @@ def test_bad_input_fails_before_any_work(stack, tmp_path):
     nca_model = {s.key: s for s in build_plan("fullcorpus", "tiny")}["nca_train"].out / "model.pt.zst"
     _failed_before_any_task("does not fit the tiny model: embed_tokens.weight: checkpoint (10002, 64)",
                             deployment="bcpt", init_checkpoint=str(nca_model))
+    import torch
+
+    if not torch.cuda.is_available():  # preflight: the card's recipe is refused on a CPU machine, by name
+        _failed_before_any_task("preset 'proxy-108m' needs a CUDA GPU", deployment="nca", preset="proxy-108m")
 
 
 def _descendants(pid: int) -> list[int]:

@@ -326,3 +326,17 @@ def test_cached_stage_links_to_the_run_that_computed_it(store, tmp_path, monkeyp
     client.set_terminated(cached)
     assert mlflow_runs.computing_run(exp, digest) == computed
     assert mlflow_runs.computing_run(exp, "0" * 16) is None
+
+
+def test_parent_headline_metrics_are_queued_during_an_outage_and_sent_later(store, tmp_path, monkeypatch):
+    from flows import mlflow_runs
+    from infra.stack import free_port
+
+    uri, client, parent = store
+    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert not mlflow_runs.record_metrics(parent, {"val/bpb": 1.25, "train/loss": 3.0})
+    assert "val/bpb" not in client.get_run(parent).data.metrics
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert mlflow_runs.sync_pending() == (1, 0)
+    assert client.get_run(parent).data.metrics["val/bpb"] == 1.25
