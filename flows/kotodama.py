@@ -231,10 +231,7 @@ def run_pipeline(pipeline: str, preset: str, overrides: dict[str, Any] | None = 
         for s in steps:
             state = execute_step(s, tracking)
             results[s.key] = state.result()
-            headline = mlflow_runs.headline_metrics(read_manifest(s.out))
-            publish_headline(s.key, s.stage, s.digest, str(s.out), headline, cached=state.name == "Cached")
-            if parent_id:  # fresh or cached alike: the parent carries every stage's headline numbers
-                mlflow_runs.record_metrics(parent_id, mlflow_runs.headline_metrics(read_manifest(s.out), s.key))
+            _publish_step(s, state.name == "Cached", parent_id)
     except BaseException:
         if parent_id:
             mlflow_runs.end(parent_id, ok=False)
@@ -242,6 +239,18 @@ def run_pipeline(pipeline: str, preset: str, overrides: dict[str, Any] | None = 
     if parent_id:
         mlflow_runs.end(parent_id, ok=True)
     return results
+
+
+def _publish_step(s: Step, cached: bool, parent_id: str | None) -> None:
+    """The stage's headline card, and its numbers on the parent run (fresh or cached alike). A view of a
+    committed artifact: a failure here is logged, never a failed flow."""
+    try:
+        manifest = read_manifest(s.out)
+        publish_headline(s.key, s.stage, s.digest, str(s.out), mlflow_runs.headline_metrics(manifest), cached)
+        if parent_id:
+            mlflow_runs.record_metrics(parent_id, mlflow_runs.headline_metrics(manifest, s.key))
+    except Exception as exc:  # noqa: BLE001
+        get_run_logger().warning("%s: headline numbers not published (%s)", s.key, str(exc)[:200])
 
 
 def execute_step(s: Step, tracking: dict[str, str]):
