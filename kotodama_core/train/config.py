@@ -22,7 +22,9 @@ class InitConfig(StrictModel):
     step 0 (bcpt); nca_transfer: keep every NCA tensor but the embedding/output head."""
 
     mode: Literal["scratch", "resume", "weights", "nca_transfer"] = "scratch"
-    # A .pt.zst file; or leave empty and pass the stage an `init` input (a training artifact folder).
+    # A checkpoint file in any form (this project's .pt.zst, the original code's step_XXXXXXXX.pt or .pt.zst;
+    # kotodama checkpoint inspect says which); or leave empty and pass the stage an `init` input (a
+    # training artifact folder, or a folder written by kotodama checkpoint convert).
     checkpoint: str | None = None
     # Which checkpoint of an `init` training artifact: a step (e.g. the 72000 milestone) or None = final.
     step: int | None = None
