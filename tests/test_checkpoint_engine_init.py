@@ -111,3 +111,14 @@ def test_precision_drift_bench_tiny(tmp_path, markov_data, capsys):
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 8
     assert drift_main(["--preset", "tiny", "--steps", "2", "--batch", "2", "--data", str(markov_data),
                        "--set", "model.vocab_size=256", "--device", "cpu"]) == 0
+
+
+def test_converted_folder_is_a_training_stage_init_input(tmp_path, markov_data, original_ckpt):
+    import json
+
+    folder = tmp_path / "converted"
+    convert(original_ckpt, folder, boundaries=[0, 2])  # vocab 256: no preset has this shape
+    run = cfg(**{"train.init.mode": "weights", "train.steps": 2})
+    manifest = run_stage(run, {"data": markov_data, "init": folder}, tmp_path / "bcpt")
+    data = json.loads(manifest.read_text())
+    assert data["init"].startswith("weights:") and data["init"].endswith("model.pt.zst")
