@@ -51,13 +51,14 @@ def test_deployments_fix_the_pipeline_and_offer_the_preset_as_a_choice():
 
     import flows.kotodama as flow_module
 
-    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
-    for dep in spec["deployments"]:
+    deployments = [d for f in ("prefect.yaml", "templates/prefect-cluster.yaml")
+                   for d in yaml.safe_load((REPO / "infra" / f).read_text())["deployments"]]
+    for dep in deployments:
         if dep["name"] == "ablation":
             continue
         assert "pipeline" not in (dep.get("parameters") or {})
         path, fn_name = dep["entrypoint"].split(":")
-        assert path == "flows/kotodama.py" and fn_name == dep["name"]
+        assert path == "flows/kotodama.py" and fn_name == dep["name"].removesuffix("-k8s")
         flow_fn = getattr(flow_module, fn_name)
         assert flow_fn.name == "kotodama"  # deploys as kotodama/<name>
         props = parameter_schema(flow_fn.fn).model_dump()["properties"]
