@@ -103,7 +103,7 @@ def test_a_50_mb_line_does_not_blow_up_memory(tmp_path):
 def test_source_content_digest_follows_the_bytes_and_is_cached(tmp_path, monkeypatch):
     from kotodama_core.data import provenance
 
-    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KOTODAMA_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "s.jsonl"
     path.write_bytes(b'{"text": "one"}\n')
     _, cfg = _source_cfg(path)
@@ -113,7 +113,7 @@ def test_source_content_digest_follows_the_bytes_and_is_cached(tmp_path, monkeyp
     monkeypatch.setattr(provenance, "sha256_file", lambda p: reads.append(p) or "x")
     assert provenance.source_content_digests(cfg) == first and reads == []  # a cache hit reads nothing
     monkeypatch.undo()
-    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("KOTODAMA_CACHE_DIR", str(tmp_path / "cache"))
     path.write_bytes(b'{"text": "two"}\n')
     assert provenance.source_content_digests(cfg) != first
 

@@ -2,7 +2,8 @@
 
 - `source_content_digests`: the sha256 of every local source file, so that a changed source changes the
   data stage's digest (and the shards rebuild). Hashing 10 GB takes a while, so each digest is kept in a
-  small cache keyed by (path, size, mtime_ns): an unchanged file is never read twice.
+  small cache (in the user's cache folder) keyed by (path, size, mtime_ns): an unchanged file is never
+  read twice.
 - `verify_shard`: a shard's sha256 against its manifest record, once per process and file state, before
   the loader hands out any of its windows.
 """
@@ -14,7 +15,7 @@ import os
 import threading
 from pathlib import Path
 
-from kotodama_core.artifacts import ArtifactError, kotodama_home, sha256_file
+from kotodama_core.artifacts import ArtifactError, sha256_file
 from kotodama_core.data.config import DataConfig
 
 CACHE_NAME = "source-digests.json"
@@ -28,7 +29,11 @@ def _file_key(path: Path) -> tuple[str, int, int]:
 
 
 def _cache_path() -> Path:
-    return kotodama_home() / "cache" / CACHE_NAME
+    """KOTODAMA_CACHE_DIR, else the user's cache folder: planning a pipeline writes nothing under
+    KOTODAMA_HOME, and the digests serve every checkout on the machine."""
+    root = os.environ.get("KOTODAMA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                         "kotodama")
+    return Path(root) / CACHE_NAME
 
 
 def _load_cache(path: Path) -> dict[str, dict]:
