@@ -14,7 +14,6 @@ mlflow = pytest.importorskip("mlflow")
 def tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
     client = mlflow.tracking.MlflowClient(uri)
     return client, client.create_experiment("kotodama")
 
