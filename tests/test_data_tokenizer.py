@@ -38,3 +38,20 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenizerError, match="holds no tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
+
+
+def test_a_hub_id_goes_to_the_hub_client_and_offline_names_the_key_and_the_setting(tmp_path, monkeypatch):
+    """`HuggingFaceTB/SmolLM2-135M` is a hub id, not a path under the repository: offline and without a
+    cached copy the error names data.tokenizer, the path tried and HF_HUB_OFFLINE."""
+    from kotodama_core.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert tokenizer_file("HuggingFaceTB/SmolLM2-135M", tmp_path) is None  # a hub id
+    with pytest.raises(TokenizerError) as err:
+        load_tokenizer("HuggingFaceTB/SmolLM2-135M", tmp_path)
+    message = str(err.value)
+    assert message.startswith("data.tokenizer 'HuggingFaceTB/SmolLM2-135M'")
+    assert str(tmp_path / "HuggingFaceTB/SmolLM2-135M") in message and "HF_HUB_OFFLINE=1" in message
+    with pytest.raises(TokenizerError, match="tokenizer not found"):
+        tokenizer_file("./missing/tokenizer.json", tmp_path)

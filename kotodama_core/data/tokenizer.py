@@ -1,13 +1,15 @@
 """Loading the HF `tokenizers` tokenizer and describing it for manifests.
 
-`path_or_id` is a local tokenizer.json, a folder holding one, or a Hugging Face hub id. A string that
-looks like a path (has a separator, starts with '.' or '~', or ends in .json) must exist locally.
+`path_or_id` is a local tokenizer.json, a folder holding one, or a Hugging Face hub id (`owner/name`,
+loaded through the hub client and its cache). A string that looks like a path (starts with '/', '.' or
+'~', ends in .json, or has more than one separator) must exist locally.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,8 +22,11 @@ class TokenizerError(UserError, ValueError):
     """The tokenizer cannot be found or loaded."""
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def _looks_like_path(text: str) -> bool:
-    return os.sep in text or text.startswith((".", "~")) or text.endswith(".json")
+    return text.startswith(("/", ".", "~")) or text.endswith(".json") or not _HUB_ID.match(text)
 
 
 def tokenizer_file(path_or_id: str, root: Path | None = None) -> Path | None:
@@ -36,13 +41,13 @@ def tokenizer_file(path_or_id: str, root: Path | None = None) -> Path | None:
         return p
     if p.is_file():
         return p
-    if _looks_like_path(path_or_id):
+    if os.sep in path_or_id and _looks_like_path(path_or_id):
         raise TokenizerError(f"tokenizer not found: {p} (a tokenizer.json file or a folder holding one)")
     return None
 
 
-def load_tokenizer(path_or_id: str | Path, root: Path | None = None):
-    """A `tokenizers.Tokenizer` from a local tokenizer.json (or its folder) or a hub id."""
+def load_tokenizer(path_or_id: str | Path, root: Path | None = None, key: str = "data.tokenizer"):
+    """A `tokenizers.Tokenizer` from a local tokenizer.json (or its folder) or a hub id; errors name `key`."""
     from tokenizers import Tokenizer
 
     local = tokenizer_file(str(path_or_id), root)
@@ -51,11 +56,17 @@ def load_tokenizer(path_or_id: str | Path, root: Path | None = None):
             return Tokenizer.from_file(str(local))
         except Exception as exc:  # tokenizers raises plain Exception on a bad file
             raise TokenizerError(f"{local}: not a valid tokenizer.json ({exc})") from exc
+    tried = (root / str(path_or_id)) if root is not None else Path(str(path_or_id))
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
         return Tokenizer.from_pretrained(str(path_or_id))
     except Exception as exc:
-        raise TokenizerError(f"tokenizer {path_or_id!r} is neither a local file nor a reachable hub id "
-                             f"({exc})") from exc
+        if offline:
+            raise TokenizerError(f"{key} {str(path_or_id)!r}: no local file at {tried}, and the Hugging Face "
+                                 f"hub cache holds no copy while HF_HUB_OFFLINE=1; download it once online, or "
+                                 f"set {key} to a local tokenizer.json") from exc
+        raise TokenizerError(f"{key} {str(path_or_id)!r}: no local file at {tried}, and the hub did not serve "
+                             f"it ({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
 @lru_cache(maxsize=4)
