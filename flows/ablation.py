@@ -43,6 +43,7 @@ from pydantic import ValidationError
 
 from kotodama_core.config import (CONFIGS_ROOT, ConfigError, RunConfig, apply_overrides, load_tree,
                                    read_yaml_mapping, validate)
+from kotodama_core.config_tree import flatten
 from kotodama_core.schema import StrictModel
 from stages.graph import Step, build, make_step
 from stages.registry import STAGES
@@ -184,19 +185,10 @@ def expand_arms(spec: AblationSpec) -> dict[str, dict[str, Any]]:
     return arms
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, Mapping) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def changed_keys(base: RunConfig, other: RunConfig,
                  ignore: tuple[str, ...] = ("name", "report.title")) -> tuple[str, ...]:
     """Dotted keys whose resolved values differ (the run name and report title aside)."""
-    a, b = _flatten(base.model_dump(mode="json")), _flatten(other.model_dump(mode="json"))
+    a, b = flatten(base.model_dump(mode="json")), flatten(other.model_dump(mode="json"))
     return tuple(sorted(k for k in set(a) | set(b) if k not in ignore and a.get(k) != b.get(k)))
 
 
@@ -258,8 +250,8 @@ def resolve_arms(spec: AblationSpec, overrides: Mapping[str, Any] | None = None,
                                       "report.title": f"{spec.name} ablation, arm {name}"})
         cfg = validate(tree, origin=f"{spec.base} + {where}")
         if spec.arms is not None:
-            flat_base = _flatten(base.model_dump(mode="json"))
-            flat_arm = _flatten(cfg.model_dump(mode="json"))
+            flat_base = flatten(base.model_dump(mode="json"))
+            flat_arm = flatten(cfg.model_dump(mode="json"))
             same = sorted(k for k in lang if k in flat_base and flat_arm.get(k) == flat_base[k])
             if same:
                 raise ConfigError(f"{where}: {same} already have these values in the base; an arm changes "

@@ -105,3 +105,14 @@ def apply_overrides(tree: Mapping[str, Any], overrides: Iterable[str] | Mapping[
             node = child
         node[parts[-1]] = value
     return out
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: dotted keys, the way overrides name them; lists and empty mappings
+    stay values."""
+    if isinstance(tree, Mapping) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree} if prefix else {}

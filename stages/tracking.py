@@ -35,6 +35,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
+from kotodama_core.config_tree import flatten  # noqa: F401 - flows import it from here
+
 log = logging.getLogger("kotodama.tracking")
 
 BUFFER_NAME = "mlflow_buffer.jsonl"
@@ -95,18 +97,6 @@ def family_metrics(metrics: Mapping[str, Any], stage: str = "train") -> dict[str
 
 def _is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay values (logged as their JSON text)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _param_text(value: Any) -> str:

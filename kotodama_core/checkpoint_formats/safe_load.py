@@ -11,25 +11,11 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from kotodama_core.model.io import ZSTD_MAGIC, CheckpointError, _decompress
+from kotodama_core.model.io import ZSTD_MAGIC, CheckpointError, _decompress, numpy_safe_globals
 
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zipfile) serialization
-
-
-def numpy_safe_globals() -> list[Any]:
-    """numpy types that torch.load(weights_only=True) may rebuild: scalars, dtypes, plain arrays."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    allowed: list[Any] = [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
-    for name in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                 "float16", "float32", "float64", "complex64", "complex128", "str_", "bytes_"):
-        allowed.append(type(np.dtype(getattr(np, name))))
-    return allowed
 
 
 def read_bytes(path: Path) -> tuple[bytes, bool]:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import zstandard
 
@@ -59,6 +60,19 @@ def save_pt_zst(obj: Any, path: str | Path, level: int = 3) -> Path:
     return path
 
 
+def numpy_safe_globals() -> list[Any]:
+    """numpy types that torch.load(weights_only=True) may rebuild: scalars, dtypes, plain arrays."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray  # type: ignore[no-redef]
+    allowed: list[Any] = [multiarray.scalar, multiarray._reconstruct, np.ndarray, np.dtype]
+    for name in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                 "float16", "float32", "float64", "complex64", "complex128", "str_", "bytes_"):
+        allowed.append(type(np.dtype(getattr(np, name))))
+    return allowed
+
+
 def _decompress(raw: bytes, path: Path) -> bytes:
     if not raw:
         raise CheckpointError(f"{path}: file is empty")
@@ -89,8 +103,6 @@ def load_pt_zst(path: str | Path, weights_only: bool = True, map_location: Any =
     try:
         if not weights_only:
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
-        from kotodama_core.checkpoint_formats.safe_load import numpy_safe_globals
-
         with torch.serialization.safe_globals(numpy_safe_globals()):  # loader states carry numpy scalars
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError... for bad payloads

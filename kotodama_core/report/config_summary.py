@@ -15,21 +15,12 @@ from typing import Any, Mapping
 
 import yaml
 
+from kotodama_core.config_tree import flatten  # noqa: F401 - sections import it from here
 from kotodama_core.digest import digest
 
 # Keys that name a run rather than change what it computes.
 NAMING_KEYS = ("name", "report.title")
 TITLE_OVERRIDES = 3  # overrides spelled out in the title; the rest are counted
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists and empty mappings stay values."""
-    if isinstance(tree, Mapping) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree} if prefix else {}
 
 
 def read_run_config(train_dir: Path | None, notes: list[str]) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from kotodama_core.eval.results import format_value
 from kotodama_core.report.config_summary import NAMING_KEYS, flatten
 from kotodama_core.report.curves import Curves, training_curves
 from kotodama_core.report.nca_summary import png_data_uri
-from kotodama_core.report.html import esc, facts, img, link, note, num, panel, table
+from kotodama_core.report.elements import esc, facts, img, link, note, num, panel, table
 from kotodama_core.report.plots import curve_plot, plt, profile_plot, to_data_uri, _series
 
 Runs = list[tuple[str, dict[str, Any]]]
