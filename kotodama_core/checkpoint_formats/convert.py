@@ -101,7 +101,7 @@ def _config_for(ck: Checkpoint, boundaries: list[int] | None) -> tuple[KotodamaC
 
 def _write_project(ck: Checkpoint, cfg: KotodamaConfig, tmp: Path) -> list[Path]:
     from kotodama_core.artifacts import write_manifest
-    from kotodama_core.train.checkpoint import checkpoint_name
+    from kotodama_core.model.io import checkpoint_name
 
     written = [save_pt_zst(ck.model, tmp / "model.pt.zst")]
     if ck.step is not None:

@@ -60,6 +60,11 @@ def save_pt_zst(obj: Any, path: str | Path, level: int = 3) -> Path:
     return path
 
 
+def checkpoint_name(step: int) -> str:
+    """The file name of this project's checkpoint after `step` updates: `step_XXXXXXX.pt.zst`."""
+    return f"step_{step:07d}.pt.zst"
+
+
 def numpy_safe_globals() -> list[Any]:
     """numpy types that torch.load(weights_only=True) may rebuild: scalars, dtypes, plain arrays."""
     try:

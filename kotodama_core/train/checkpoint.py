@@ -30,17 +30,13 @@ import zstandard
 import numpy as np
 import torch
 
-from kotodama_core.model.io import CheckpointError, load_pt_zst, save_pt_zst
+from kotodama_core.model.io import CheckpointError, checkpoint_name, load_pt_zst, save_pt_zst  # noqa: F401
 
 _NAME = re.compile(r"^step_(\d{7,})\.pt\.zst$")
 # Fault injection for tests and drills: the writer SIGKILLs the process half-way through writing this
 # step's temporary file (a crash during a background write).
 FAULT_KILL_IN_WRITE_ENV = "KOTODAMA_FAULT_KILL_IN_WRITE_AT_STEP"
 ZSTD_LEVEL = 3
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:07d}.pt.zst"
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:

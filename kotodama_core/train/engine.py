@@ -20,7 +20,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,8 +41,9 @@ from kotodama_core.train.precision import apply_precision
 from kotodama_core.progress import Progress
 from kotodama_core.train.throughput import memory_gib, model_flops_per_token, peak_flops
 
-if TYPE_CHECKING:  # the run config sits above the training package; annotations only
-    from kotodama_core.config import RunConfig
+# The run config (kotodama_core.config.RunConfig) sits above the training package, which it imports for
+# its `train` section, so the engine names it without importing it.
+RunConfig = Any
 
 MetricsSink = Callable[[dict[str, float], int], None]
 
