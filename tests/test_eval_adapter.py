@@ -83,12 +83,18 @@ def test_generate_until_stops_and_is_seeded(lm):
     assert len(lm.tok_encode(a[0])) <= 9
 
 
-def test_simple_evaluate_on_local_tasks_gives_card_rows(lm):
+def test_simple_evaluate_on_local_tasks_gives_card_rows(lm, capsys):
     from kotodama_core.eval.harness import run_tasks
     from kotodama_core.eval.results import markdown_table
+    from kotodama_core.progress import parse_progress_line
 
     out = run_tasks(lm, ["copa", "lambada_openai", "winogrande"], EVAL_DATA, limit=3)
-    assert out["errors"] == {}
+    assert out["errors"] == {} and out["n"] == {"copa": 3, "lambada_openai": 3, "winogrande": 3}
+    lines = [parse_progress_line(x) for x in capsys.readouterr().out.splitlines()]
+    progress = [x for x in lines if x and x["stage"] == "eval"]
+    assert [(x["done"], x["total"], x["fields"]["task"], x["fields"]["examples"]) for x in progress] == [
+        (1, 3, "copa", "3"), (2, 3, "lambada_openai", "3"), (3, 3, "winogrande", "3")]
+    assert all(float(x["fields"]["examples/s"]) > 0 for x in progress)
     rows = {(r["benchmark"], r["metric"]): r["value"] for r in out["rows"]}
     assert 0.0 <= rows[("COPA", "acc")] <= 1.0
     assert rows[("LAMBADA", "ppl")] > 1.0

@@ -44,3 +44,21 @@ def test_durations():
     assert format_duration(75) == "1m15s"
     assert format_duration(3725) == "1h02m"
     assert format_duration(float("nan")) == "?"
+
+
+def test_data_progress_reports_tokens_and_each_finished_source(capsys):
+    from types import SimpleNamespace
+
+    from kotodama_core.data.build import TokenProgress
+
+    p = TokenProgress(1000)
+    p.update(400)
+    p.source_done("books", SimpleNamespace(docs_in=12, docs_out=10, tokens=400))
+    p.update(600)
+    p.close()
+    lines = [parse_progress_line(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0]["stage"] == "data" and lines[0]["done"] == 400 and "tokens/s" in lines[0]["fields"]
+    books = next(x for x in lines if x["fields"].get("source") == "books")
+    assert (books["fields"]["docs in"], books["fields"]["docs out"], books["fields"]["source tokens"]) == (
+        "12", "10", "400")
+    assert lines[-1]["done"] == lines[-1]["total"] == 1000

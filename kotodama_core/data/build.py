@@ -34,6 +34,7 @@ from kotodama_core.data.manifest_fields import describe_splits
 from kotodama_core.data.readers import DataInputError, Item, iter_items
 from kotodama_core.data.shards import token_dtype, write_shard
 from kotodama_core.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_file, tokenizer_sha256
+from kotodama_core.progress import Progress
 
 DUPLICATE = "duplicate"
 SPILL = ".spill.bin"
@@ -185,6 +186,7 @@ class _Mixer:
         stats.tokens_unique = stats.tokens
         if quota is not None and stats.tokens < quota:
             self._repeat(source, stats, quota)
+        self.progress.source_done(source.name, stats)
 
     def _consume(self, chunk: list[Item], res: dict[str, np.ndarray], stats: SourceStats, quota: int | None,
                  eos: np.ndarray) -> bool:
@@ -270,10 +272,33 @@ def _write_split(work: Path, split: str, mm: np.ndarray, starts: np.ndarray, win
     return paths, nbytes
 
 
+class TokenProgress:
+    """The data stage's progress (kotodama_core.progress): tokens of the mix so far, their rate and ETA,
+    and one line per source when it completes (its documents in and out, and its tokens)."""
+
+    def __init__(self, total: int | None, enabled: bool = True):
+        self.bar = Progress("data", total) if enabled else None
+        self.tokens, self.docs, self.t0 = 0, 0, time.perf_counter()
+
+    def update(self, tokens: int) -> None:
+        self.tokens += tokens
+        if self.bar is not None:
+            rate = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.tokens, **{"tokens/s": round(rate)})
+
+    def source_done(self, name: str, stats: SourceStats) -> None:
+        self.docs += stats.docs_in
+        if self.bar is not None:
+            self.bar.update(self.tokens, force=True, **{"source": name, "docs in": stats.docs_in,
+                                                        "docs out": stats.docs_out, "source tokens": stats.tokens})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def build_dataset(cfg: DataConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write train/ and val/ shards under `work`; returns (manifest extra fields, headline metrics)."""
-    from tqdm import tqdm
-
     if not cfg.sources:
         raise DataInputError("data.sources is empty: extend a source table such as sources/corpus-mix")
     t0 = time.perf_counter()
@@ -286,8 +311,7 @@ def build_dataset(cfg: DataConfig, work: Path) -> tuple[dict[str, Any], dict[str
     quotas = source_quotas(cfg)
     spill = Spill(work / SPILL, dtype)
     executor = make_executor(cfg.dask)
-    progress = tqdm(total=sum(quotas.values()) if quotas else None, unit="tok", unit_scale=True,
-                    desc="data", disable=not cfg.dask.progress)
+    progress = TokenProgress(sum(quotas.values()) if quotas else None, enabled=cfg.dask.progress)
     try:
         mixer = _Mixer(cfg, spill, executor, progress)
         stats = mixer.take_all(cfg.sources, quotas)

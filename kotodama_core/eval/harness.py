@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from kotodama_core.eval.results import card_rows
+from kotodama_core.progress import Progress
 
 
 def run_tasks(lm, names: list[str], data_dir: Path | None, limit: int | None, seed: int = 1234
@@ -17,7 +19,7 @@ def run_tasks(lm, names: list[str], data_dir: Path | None, limit: int | None, se
     """Evaluate each task on its own so that one missing file or hub outage costs one row, not the run.
 
     Returns {"results": {task: metrics}, "rows": card rows, "errors": {task: message}, "sources": {task:
-    local file or "hub"}}.
+    local file or "hub"}, "n": {task: documents scored}}; prints a progress line after each task.
     """
     import lm_eval
 
@@ -26,7 +28,10 @@ def run_tasks(lm, names: list[str], data_dir: Path | None, limit: int | None, se
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
     sources: dict[str, str] = {}
-    for name in names:
+    examples: dict[str, int] = {}
+    progress = Progress("eval", len(names), every_s=0.0)
+    for i, name in enumerate(names, start=1):
+        t0 = time.perf_counter()
         try:
             task = build_tasks([name], data_dir)[name]
             sources[name] = task.config.metadata.get("local_file", "local") if not isinstance(task, str) else "hub"
@@ -35,11 +40,22 @@ def run_tasks(lm, names: list[str], data_dir: Path | None, limit: int | None, se
                                           numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
             results[name] = out["results"][name]
+            examples[name] = _examples(out.get("n-samples", {}).get(name))
         except (TaskDataError, OSError, ValueError, KeyError, ConnectionError) as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # the hub client raises many types when offline; keep the other tasks
             errors[name] = f"{type(exc).__name__}: {exc}"
-    return {"results": results, "rows": card_rows(results), "errors": errors, "sources": sources}
+        n = examples.get(name, 0)
+        progress.update(i, task=name, examples=n, **{"examples/s": round(n / max(time.perf_counter() - t0, 1e-9), 1)
+                                                     if n else None, "failed": "yes" if name in errors else None})
+    return {"results": results, "rows": card_rows(results), "errors": errors, "sources": sources, "n": examples}
+
+
+def _examples(n_samples: dict[str, Any] | None) -> int:
+    """Documents scored for one task: lm-eval's `n-samples` entry ({"original", "effective"})."""
+    if isinstance(n_samples, dict) and isinstance(n_samples.get("effective"), int):
+        return n_samples["effective"]
+    return 0
 
 
 def local_front(argv: list[str]) -> argparse.Namespace | None:
