@@ -47,17 +47,22 @@ def save_pt_zst(obj: Any, path: str | Path, level: int = 3) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable (a crash right after cannot undo it)."""
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return path
+        return
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     except OSError:
         pass  # some filesystems refuse fsync on a directory; the rename is still atomic
     finally:
-        os.close(dir_fd)
-    return path
+        os.close(fd)
 
 
 def checkpoint_name(step: int) -> str:

@@ -30,7 +30,8 @@ import zstandard
 import numpy as np
 import torch
 
-from kotodama_core.model.io import CheckpointError, checkpoint_name, load_pt_zst, save_pt_zst  # noqa: F401
+from kotodama_core.model.io import (CheckpointError, checkpoint_name, fsync_dir, load_pt_zst,  # noqa: F401
+                                    save_pt_zst)
 
 _NAME = re.compile(r"^step_(\d{7,})\.pt\.zst$")
 # Fault injection for tests and drills: the writer SIGKILLs the process half-way through writing this
@@ -71,19 +72,6 @@ def encode(state: Any) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(buf.getbuffer())
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on a directory; the rename is still atomic
-    finally:
-        os.close(fd)
-
-
 def publish_verified(data: bytes, path: Path, *, kill_half_way: bool = False) -> Path:
     """Write `data` to a temp file beside `path`, fsync, read it back (zstd checksum and torch.load,
     weights_only), then rename it to `path`. An unreadable file is never published."""
@@ -104,7 +92,7 @@ def publish_verified(data: bytes, path: Path, *, kill_half_way: bool = False) ->
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
