@@ -98,6 +98,9 @@ def test_simple_evaluate_on_local_tasks_gives_card_rows(lm, capsys):
     rows = {(r["benchmark"], r["metric"]): r["value"] for r in out["rows"]}
     assert 0.0 <= rows[("COPA", "acc")] <= 1.0
     assert rows[("LAMBADA", "ppl")] > 1.0
+    copa = out["results"]["copa"]
+    assert copa["n"] == 3 and math.isclose(copa["acc_stderr"], math.sqrt(copa["acc,none"] * (1 - copa["acc,none"]) / 2))
+    assert all(r["n"] == 3 for r in out["rows"])
     assert ("Winogrande", "acc") in rows
     table = markdown_table(out["rows"])
     assert table.startswith("| Benchmark | Metric | value |") and "| COPA | acc |" in table

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kotodama_core.eval.results import card_rows
+from kotodama_core.eval.results import card_rows, with_n_and_stderr
 from kotodama_core.progress import Progress
 
 
@@ -19,7 +19,9 @@ def run_tasks(lm, names: list[str], data_dir: Path | None, limit: int | None, se
     """Evaluate each task on its own so that one missing file or hub outage costs one row, not the run.
 
     Returns {"results": {task: metrics}, "rows": card rows, "errors": {task: message}, "sources": {task:
-    local file or "hub"}, "n": {task: documents scored}}; prints a progress line after each task.
+    local file or "hub"}, "n": {task: documents scored}}; prints a progress line after each task. Each
+    task's metrics carry lm-eval's keys plus `n` and `<metric>_stderr` (results.with_n_and_stderr), and
+    each card row its `n` and `stderr`.
     """
     import lm_eval
 
@@ -39,8 +41,8 @@ def run_tasks(lm, names: list[str], data_dir: Path | None, limit: int | None, se
                                           bootstrap_iters=0, log_samples=False, random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed,
                                           fewshot_random_seed=seed)
-            results[name] = out["results"][name]
             examples[name] = _examples(out.get("n-samples", {}).get(name))
+            results[name] = with_n_and_stderr(out["results"][name], examples[name])
         except (TaskDataError, OSError, ValueError, KeyError, ConnectionError) as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
         except Exception as exc:  # the hub client raises many types when offline; keep the other tasks
