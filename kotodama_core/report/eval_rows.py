@@ -8,28 +8,12 @@ n falls back to lm-eval's `sample_len` (the documents it scored).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from kotodama_core.eval.results import BENCHMARK_NAMES, METRIC_LABELS, finite
+from kotodama_core.eval.results import BENCHMARK_NAMES, BINARY_METRICS, METRIC_LABELS, binomial_stderr, finite
 
 TASK_OF_BENCHMARK = {label: task for task, label in BENCHMARK_NAMES.items()}
 KEY_OF_LABEL = {label: key for key, label in METRIC_LABELS.items()}
-# Metrics that are a mean of 0/1 outcomes, so the binomial standard error applies.
-BINARY_METRICS = ("acc", "acc_norm")
-
-
-def binomial_stderr(p: float | None, n: int | None) -> float | None:
-    """Standard error of the mean of n 0/1 outcomes whose mean is p: sqrt(p (1 - p) / (n - 1)).
-
-    This is the sample standard deviation (ddof 1) over sqrt(n), the same formula as lm-eval's
-    `mean_stderr`. None when n < 2 or p is not in [0, 1].
-    """
-    if p is None or n is None or n < 2 or not 0.0 <= p <= 1.0:
-        return None
-    return math.sqrt(p * (1.0 - p) / (n - 1))
-
-
 def _count(x: Any) -> int | None:
     v = finite(x)
     return int(v) if v is not None and v >= 0 and float(v).is_integer() else None
