@@ -187,7 +187,7 @@ def profile_step(args, attn_res: bool = True) -> dict:
     overrides = parse_overrides(args.set) if attn_res else {**parse_overrides(args.set), **attn_res_overrides(False)}
     name = "profile" if attn_res else "profile_no_attnres"
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
-    model = KotodamaLM(cfg.model, attn_res_kernels=cfg.train.attn_res_kernels).to(args.device)
+    model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=cfg.train.attn_res_kernels)).to(args.device)
     opt = build_optimizer(model, cfg.optim)
     if cfg.train.compile_scope == "layers":
         model.compile_regions()
