@@ -156,3 +156,30 @@ def test_the_loader_refuses_token_ids_outside_the_vocabulary(tmp_path):
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"token id \d+ at position \d+ .*outside the vocabulary of 100"):
         TokenLoader(data, batch_size=2)
+
+
+@needs_corpus
+def test_unset_total_tokens_says_the_mix_size_and_lenient_skips_warn(tmp_path, capsys):
+    """A build with data.total_tokens unset prints the size it produced; a truncated source read leniently
+    warns and the manifest counts the skipped tail."""
+    from kotodama_core.data.build import build_dataset
+    from tests.data_helpers import TOKENIZER
+
+    import random
+
+    rng = random.Random(0)
+    words = ["river", "stone", "lantern", "quiet", "harbour", "meadow", "copper", "winter", "orchard", "signal"]
+    docs = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(300)) + "."}).encode()
+            for _ in range(400)]  # > one 128 KB zstd block, so the first half decodes
+    path = tmp_path / "s.jsonl.zst"
+    blob = _write_zst(path, docs)
+    path.write_bytes(blob[: len(blob) // 2])
+    source = SourceConfig(name="s", share=1.0, files=[str(path)])
+    cfg = DataConfig(sources=[source], strict=False, seq_len=64, tokenizer=str(TOKENIZER / "tokenizer.json"),
+                     dask={"workers": 0, "progress": False})
+    extra, metrics = build_dataset(cfg, tmp_path / "out")
+    out, err = capsys.readouterr()
+    assert f"data.total_tokens is unset: the mix holds {metrics['tokens']:,} tokens" in out
+    assert metrics["tokens"] > 0 and metrics["tokens"] % 65 == 0
+    assert "warning: data source 's': 1 truncated_tail" in err
+    assert extra["sources"]["s"]["dropped"]["truncated_tail"]["docs"] == 1

@@ -19,6 +19,7 @@ windows of the permutation form `val`, the rest `train`.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from kotodama_core.data.cleaning import EMPTY
 from kotodama_core.data.config import DataConfig, SourceConfig
 from kotodama_core.data.executor import make_executor, ordered_results
 from kotodama_core.data.manifest_fields import describe_splits
-from kotodama_core.data.readers import DataInputError, Item, iter_items
+from kotodama_core.data.readers import OVERSIZED, TRUNCATED_TAIL, DataInputError, Item, iter_items
 from kotodama_core.data.shards import token_dtype, write_shard
 from kotodama_core.data.tokenizer import load_tokenizer, token_byte_lengths, tokenizer_file, tokenizer_sha256
 from kotodama_core.progress import Progress
@@ -297,6 +298,29 @@ class TokenProgress:
             self.bar.close()
 
 
+def mix_size_line(cfg: DataConfig, quotas: dict[str, int], stats: dict[str, SourceStats]) -> str:
+    """What an unset `data.total_tokens` produced: the mix size T = min_s(unique_s / share_s), floored to
+    whole windows, and the source that bounds it (the one with the smallest unique_s / share_s)."""
+    bound = min(cfg.sources, key=lambda s: stats[s.name].tokens_unique / s.share)
+    return (f"data.total_tokens is unset: the mix holds {sum(quotas.values()):,} tokens "
+            f"({sum(quotas.values()) // cfg.window:,} windows of {cfg.window}), bounded by source "
+            f"{bound.name!r} ({stats[bound.name].tokens_unique:,} unique tokens at share {bound.share:g}); "
+            f"set data.total_tokens to fix the size")
+
+
+def skipped_input_warnings(stats: dict[str, SourceStats]) -> list[str]:
+    """One warning per source whose broken compressed tail or oversized lines were skipped (lenient mode);
+    the skipped bytes are also in the manifest under sources.<name>.dropped."""
+    lines = []
+    for name, st in stats.items():
+        for reason in (TRUNCATED_TAIL, OVERSIZED):
+            if reason in st.dropped:
+                d = st.dropped[reason]
+                lines.append(f"warning: data source {name!r}: {d['docs']} {reason} item(s) skipped, "
+                             f"{d['chars']:,} bytes (recorded in the manifest under sources.{name}.dropped)")
+    return lines
+
+
 def build_dataset(cfg: DataConfig, work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write train/ and val/ shards under `work`; returns (manifest extra fields, headline metrics)."""
     if not cfg.sources:
@@ -319,8 +343,11 @@ def build_dataset(cfg: DataConfig, work: Path) -> tuple[dict[str, Any], dict[str
         progress.close()
         executor.close()
         spill.close()
+    for line in skipped_input_warnings(stats):
+        print(line, file=sys.stderr, flush=True)
     if quotas is None:
         quotas = _auto_quotas(cfg, stats, work, dtype)
+        print(mix_size_line(cfg, quotas, stats), flush=True)
 
     mm = np.memmap(work / SPILL, dtype=dtype, mode="r")
     n_windows = mm.size // window
