@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import socket
 
@@ -97,6 +98,125 @@ def test_muon_step_follows_the_formula():
     torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf)
     with pytest.raises(ValueError, match="2-D"):
         Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+# ------------------------------------------------------------------ the stacked step against the plain one
+def _reference_orthogonalize(G, variant, steps, eps=1e-7):
+    """The plain-expression Newton–Schulz the batched version replaced (fp32, one matrix)."""
+    coeffs = ns_coefficients(variant, steps)
+    X = G.float()
+    transposed = X.shape[-2] > X.shape[-1]
+    X = X.mT if transposed else X
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
+    if variant == "gram":
+        eye = torch.eye(X.shape[-2])
+        A, Q = X @ X.mT, None
+        for step, (a, b, c) in enumerate(coeffs, start=1):
+            P = a * eye + b * A + c * (A @ A)
+            Q = P if Q is None else P @ Q
+            if step == len(coeffs):
+                break
+            if step in newton_schulz.GRAM_RESTARTS:
+                X, Q = Q @ X, None
+                A = X @ X.mT
+            else:
+                A = P @ A @ P
+                A = 0.5 * (A + A.mT)
+        X = X if Q is None else Q @ X
+    else:
+        for a, b, c in coeffs:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
+
+
+def _reference_muon(weights, grads_per_step, lr, mu, nesterov, wd, variant, steps):
+    """Muon's formula matrix by matrix: buf ← μ·buf + g; u ← g + μ·buf (or buf); W ← W(1 − lr·wd) −
+    lr·sqrt(max(1, rows/cols))·NS(u)."""
+    ws = [w.clone() for w in weights]
+    bufs = [torch.zeros_like(w) for w in weights]
+    for grads in grads_per_step:
+        for i, g in enumerate(grads):
+            bufs[i] = mu * bufs[i] + g
+            u = g + mu * bufs[i] if nesterov else bufs[i]
+            rows, cols = ws[i].shape
+            ws[i] = ws[i] * (1 - lr * wd) - lr * math.sqrt(max(1.0, rows / cols)) * _reference_orthogonalize(
+                u, variant, steps)
+    return ws, bufs
+
+
+MIXED_SHAPES = [(24, 40), (40, 24), (24, 40), (16, 16), (40, 24), (24, 40)]
+
+
+@pytest.mark.parametrize("variant,steps,nesterov,wd", [
+    ("quintic", 5, True, 0.01), ("gram_ns", 5, True, 0.01), ("gram", 5, True, 0.01),
+    ("gram_ns", 7, False, 0.0), ("gram", 3, False, 0.05), ("quintic", 2, True, 0.0)])
+def test_stacked_muon_matches_the_per_matrix_formula(variant, steps, nesterov, wd):
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(s, generator=g) for s in MIXED_SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in MIXED_SHAPES] for _ in range(3)]
+    params = [torch.nn.Parameter(w.clone()) for w in weights]
+    opt = Muon(params, lr=0.05, momentum=0.9, nesterov=nesterov, weight_decay=wd, ns_variant=variant,
+               ns_steps=steps)
+    for step_grads in grads:
+        for p, gr in zip(params, step_grads):
+            p.grad = gr.clone()
+        opt.step()
+    ws, bufs = _reference_muon(weights, grads, 0.05, 0.9, nesterov, wd, variant, steps)
+    for p, w, b in zip(params, ws, bufs):
+        torch.testing.assert_close(p.detach(), w, rtol=0, atol=2e-5)
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], b, rtol=0, atol=1e-6)
+
+
+def test_every_coefficient_schedule_matches_the_plain_iteration():
+    """Each variant and step count (the schedule's repeated last entry included): the fused-epilogue
+    iteration equals the plain expressions on a wide, a tall and a stacked input."""
+    g = torch.Generator().manual_seed(12)
+    inputs = [torch.randn(32, 72, generator=g), torch.randn(72, 32, generator=g)]
+    stack = torch.randn(4, 20, 36, generator=g)
+    for variant in newton_schulz.VARIANTS:
+        for steps in (1, 2, 5, 8):
+            for G in inputs:
+                torch.testing.assert_close(orthogonalize(G, variant, steps),
+                                           _reference_orthogonalize(G, variant, steps), rtol=0, atol=2e-5)
+            batched = orthogonalize(stack, variant, steps)
+            for i in range(4):
+                torch.testing.assert_close(batched[i], _reference_orthogonalize(stack[i], variant, steps),
+                                           rtol=0, atol=2e-5)
+
+
+def test_momentum_buffers_are_views_of_the_stack_and_replaced_buffers_are_taken_in():
+    """Each matrix's momentum_buffer is a view of its shape's stack (one kernel updates them all); a
+    buffer replaced from outside (load_state_dict, a checkpoint converter) is copied into a new stack."""
+    g = torch.Generator().manual_seed(13)
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in MIXED_SHAPES]
+    opt = Muon(params, lr=0.05, momentum=0.9, ns_variant="gram_ns")
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step()
+    bufs = [opt.state[p]["momentum_buffer"] for p in params]
+    assert bufs[0].untyped_storage().data_ptr() == bufs[2].untyped_storage().data_ptr()
+    assert bufs[1].untyped_storage().data_ptr() != bufs[0].untyped_storage().data_ptr()
+    planted = torch.randn(MIXED_SHAPES[2], generator=g)
+    opt.state[params[2]]["momentum_buffer"] = planted.clone()
+    grad = torch.randn(MIXED_SHAPES[2], generator=g)
+    for p in params:
+        p.grad = grad.clone() if p is params[2] else torch.zeros_like(p)
+    opt.step()
+    torch.testing.assert_close(opt.state[params[2]]["momentum_buffer"], 0.9 * planted + grad)
+    torch.testing.assert_close(opt.state[params[0]]["momentum_buffer"], 0.9 * bufs[0])
+    # a round trip through state_dict/load_state_dict keeps the step the same as without it
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = Muon(twin, lr=0.05, momentum=0.9, ns_variant="gram_ns")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # as from a checkpoint: no shared tensors
+    for p, q in zip(params, twin):
+        p.grad = torch.randn(p.shape, generator=g)
+        q.grad = p.grad.clone()
+    opt.step()
+    opt2.step()
+    for p, q in zip(params, twin):
+        assert torch.equal(p.detach(), q.detach())
+        assert torch.equal(opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"])
 
 
 def tiny_model() -> KotodamaLM:

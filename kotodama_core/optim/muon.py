@@ -50,6 +50,7 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
         self.process_group = process_group
+        self._stacks: dict[tuple[int, ...], tuple[Tensor, list[Tensor]]] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -62,33 +63,49 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _step_group(self, group: dict) -> None:
-        # Whole-list (foreach) kernels: at 196 matrices a per-parameter loop spends most of the step
-        # launching small kernels, not computing.
+        # Matrices of one shape are updated as one (N, rows, cols) stack: one kernel per operation and
+        # shape instead of a (foreach) pass over 196 separate matrices, and the momentum buffers live in
+        # that stack (each matrix's state entry is a view of it), so only the gradients are gathered.
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        grads = [p.grad for p in params]
-        for p, g in zip(params, grads):
-            if "momentum_buffer" not in self.state[p]:
-                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
-        bufs = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
         if wd:
             torch._foreach_mul_(params, 1.0 - lr * wd)
-        buckets: dict[tuple[int, int], list[int]] = {}
-        for j, p in enumerate(params):
-            buckets.setdefault(tuple(p.shape), []).append(j)
+        buckets: dict[tuple[int, int], list[Tensor]] = {}
+        for p in params:
+            buckets.setdefault(tuple(p.shape), []).append(p)
         offset = 0
         for (rows, cols), members in buckets.items():
-            stack = torch.stack([updates[j] for j in members])
-            ortho = self._orthogonalize(stack, group, offset)
+            buf = self._momentum_stack(members)
+            grads = torch.stack([p.grad for p in members])
+            torch.add(grads, buf, alpha=mu, out=buf)  # buf ← μ·buf + g
+            if group["nesterov"]:  # u ← g + μ·buf, written straight in the Newton–Schulz dtype
+                update = torch.empty(buf.shape, dtype=newton_schulz.ns_dtype(buf.device), device=buf.device)
+                torch.add(grads, buf, alpha=mu, out=update)
+            else:
+                update = buf
+            ortho = self._orthogonalize(update, group, offset)
             offset += len(members)
             scale = math.sqrt(max(1.0, rows / cols))
-            targets = [params[j] for j in members]
-            torch._foreach_add_(targets, list(ortho.to(targets[0].dtype).unbind(0)), alpha=-lr * scale)
+            torch._foreach_add_(members, list(ortho.to(members[0].dtype).unbind(0)), alpha=-lr * scale)
+
+    def _momentum_stack(self, members: list[Tensor]) -> Tensor:
+        """The (N, rows, cols) momentum stack of one shape bucket; state[p]["momentum_buffer"] is its j-th
+        view. Built on the first step, and rebuilt (copying the buffers in) whenever a state entry is no
+        longer that view: after load_state_dict, or when a checkpoint converter set a buffer."""
+        key = tuple(id(p) for p in members)
+        cached = self._stacks.get(key)
+        if cached is not None and all(self.state[p].get("momentum_buffer") is view
+                                      for p, view in zip(members, cached[1])):
+            return cached[0]
+        stack = torch.stack([self.state[p]["momentum_buffer"] if "momentum_buffer" in self.state[p]
+                             else torch.zeros_like(p.grad) for p in members])
+        views = list(stack.unbind(0))
+        for p, view in zip(members, views):
+            self.state[p]["momentum_buffer"] = view
+        self._stacks[key] = (stack, views)
+        return stack
 
     def _orthogonalize(self, stack: Tensor, group: dict, offset: int) -> Tensor:
         """NS of a (N, r, c) stack; under torch.distributed each rank does matrices (offset + j) % world."""
