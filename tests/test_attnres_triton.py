@@ -216,3 +216,75 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
     torch.testing.assert_close(results[True][0], results[False][0], rtol=2e-2, atol=2e-2)
     for name, grad in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], grad, rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_pointer_table_is_built_on_the_device_once_per_set_of_buffers():
+    """The table holds the buffers' addresses, is written by a launch on their device (no pinned host
+    copy), and is reused, the same tensor, while the same buffers come back."""
+    bufs = [torch.randn(3, 8, device=DEVICE) for _ in range(4)]
+    attnres_triton._TABLES.clear()
+    table = attnres_triton._pointer_table(bufs)
+    assert table.device == bufs[0].device and table.dtype == torch.int64
+    assert table.tolist() == [b.data_ptr() for b in bufs]
+    assert attnres_triton._pointer_table(bufs) is table
+    other = [torch.randn(3, 8, device=DEVICE) for _ in range(4)]
+    table2 = attnres_triton._pointer_table(other)
+    assert table2 is not table and table2.tolist() == [b.data_ptr() for b in other]
+    # the cache stays bounded: the oldest tables go first
+    keep = attnres_triton.TABLE_CACHE_SIZE
+    many = [torch.randn(1, 1, device=DEVICE) for _ in range(keep + 3)]
+    for b in many:
+        attnres_triton._pointer_table([b])
+    assert len(attnres_triton._TABLES) == keep
+    assert attnres_triton._pointer_table(bufs) is not table  # evicted, rebuilt
+    assert attnres_triton._pointer_table(bufs).tolist() == [b.data_ptr() for b in bufs]
+
+
+def test_repeated_reads_reuse_tables_and_stay_right():
+    """Two forward/backward passes over fresh buffers give the PyTorch result each time (a stale table
+    would read or write the previous call's buffers)."""
+    for seed in (21, 22):
+        done, queries, gains = _inputs(3, 5, 32, seed=seed)
+        mix_ref, _ = completed_sources_mix(done, queries, gains, EPS)
+        mixes, _ = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
+        torch.testing.assert_close(torch.stack(mixes), mix_ref, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(sum(m.sum() * (i + 1) for i, m in enumerate(mixes)), done)
+        ref = torch.autograd.grad(sum(mix_ref[i].sum() * (i + 1) for i in range(5)), done)
+        for got, want in zip(grads, ref):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_phase_one_read_is_captured_and_replayed_by_a_cuda_graph():
+    """Forward and backward of the phase-1 read inside torch.cuda.graph: replays with new source values
+    (copied into the captured inputs) give the eager result."""
+    dim, reads = 64, 5
+    g = torch.Generator().manual_seed(5)
+    static = [torch.randn(4, 33, dim, generator=g).cuda().requires_grad_() for _ in range(3)]
+    queries = torch.randn(reads, dim, generator=g).cuda().requires_grad_()
+    gains = (torch.rand(reads, dim, generator=g) + 0.5).cuda().requires_grad_()
+
+    def run():
+        mixes, lses = attnres_triton.completed_sources_mix_triton(static, queries, gains, EPS, torch.bfloat16)
+        loss = sum((m.float() * (i + 1)).sum() for i, m in enumerate(mixes)) + sum(x.sum() for x in lses)
+        return torch.autograd.grad(loss, [*static, queries])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    for _ in range(2):
+        fresh = [torch.randn(4, 33, dim, generator=g).cuda() for _ in range(3)]
+        with torch.no_grad():
+            for s, f in zip(static, fresh):
+                s.copy_(f)
+        graph.replay()
+        want = run()
+        for got, ref in zip(captured, want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
