@@ -23,6 +23,20 @@ writing S source gradients; merge forward: read mix and p, write y; backward: re
 the mix and p gradients), so `gb_s` = bytes_min / time says how close a variant comes to bandwidth.
 The default phase-1 shape is block 4 of proxy-108m (layers 12–20: 4 completed sources, 18 reads) at
 8 × 4096.
+
+phase1_ops (the operators alone, mixes stored in bf16 as the model stores them under autocast) beside
+flash-attn-res 0.1.12 when it is importable (carry its wheel; it is not a dependency):
+    project_fwd / project_bwd   kotodama::attnres_block_mix and its backward op (+ the S ∂q̃ matmuls)
+    far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
+    *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
+                                (torch.autograd.backward: no loss kernels in the timing)
+at each --mix-warps choice (forward/backward warps per token program) for the project. Each row gives the
+traffic floor of a one-pass implementation and the time it implies at --bandwidth GB/s:
+    forward  floor = S·N·D·4 (read fp32 sources) + R·N·D·2 (write bf16 mixes) + R·N·4 (write lse)
+    backward floor = S·N·D·4 (read sources) + R·N·D·2 (read mix gradients) + 2·R·N·4 (read lse and its
+                     gradient) + S·N·D·4 (write source gradients)
+and `over_floor` = measured / floor time, plus `kernels`: each CUDA kernel's time in one call (profiler),
+so the gap can be placed on the kernel that has it.
 """
 
 from __future__ import annotations
@@ -160,6 +174,94 @@ def merge(args, g: torch.Generator) -> None:
     measure("merge", variants, [mix, lse, partial, query, gain, weight], upstream, bytes_fwd, bytes_both, args)
 
 
+def _kernel_times(fn, repeats: int = 5) -> dict[str, float]:
+    """Per-kernel CUDA time (ms) of one call of fn, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    return {e.key[:60]: round(e.self_device_time_total / repeats / 1e3, 4) for e in prof.key_averages()
+            if e.device_type == cuda and e.self_device_time_total > 0}
+
+
+def phase_one_ops(args, g: torch.Generator) -> None:
+    """The phase-1 operators alone against flash-attn-res (see the module docstring)."""
+    n, d, s_count, r_count = args.tokens, args.dim, args.sources, args.reads
+    stacked = torch.randn((s_count, 1, n, d), device="cuda", generator=g)
+    sources = [v.view(n, d) for v in stacked.unbind(0)]
+    folded = (0.3 * torch.randn(r_count, d, device="cuda", generator=g)).contiguous()
+    grad_mix = torch.randn((r_count, n, d), device="cuda", generator=g).to(torch.bfloat16)
+    grad_mixes = list(grad_mix.unbind(0))
+    grad_lse = torch.randn((r_count, n), device="cuda", generator=g)
+    bw = args.bandwidth * 1e9
+    floor_fwd = s_count * n * d * 4 + r_count * n * d * 2 + r_count * n * 4
+    floor_bwd = 2 * s_count * n * d * 4 + r_count * n * d * 2 + 2 * r_count * n * 4
+
+    def row(name, fn, floor_bytes, reference=None):
+        ms = time_ms(fn, args.repeats, args.warmup)
+        out = {"section": "phase1_ops", "variant": name, "S": s_count, "R": r_count, "tokens": n, "D": d,
+               "ms": round(ms, 4), "floor_ms": round(floor_bytes / bw * 1e3, 4),
+               "over_floor": round(ms / (floor_bytes / bw * 1e3), 2), "gb_s": round(floor_bytes / ms / 1e6),
+               "kernels": _kernel_times(fn)}
+        if reference is not None:
+            out["max_err"] = reference()
+        print(json.dumps(out), flush=True)
+        return ms
+
+    mix_op, mix_bwd_op = torch.ops.kotodama.attnres_block_mix, torch.ops.kotodama.attnres_block_mix_backward
+    results = {}
+    for spec in args.mix_warps.split(","):
+        fwd_w, bwd_w = (int(x) for x in spec.split("/"))
+        attnres_triton.MIX_FORWARD["warps"], attnres_triton.MIX_BACKWARD["warps"] = fwd_w, bwd_w
+        mixes, lse, logits = mix_op(sources, folded, EPS, torch.bfloat16)
+        results[f"project_fwd_{spec}"] = row(f"project_fwd_w{fwd_w}", lambda: mix_op(sources, folded, EPS, torch.bfloat16),
+                                             floor_fwd)
+        results[f"project_bwd_{spec}"] = row(f"project_bwd_w{bwd_w}", lambda: mix_bwd_op(
+            sources, folded, logits, lse, grad_mixes, grad_lse, EPS), floor_bwd)
+        leaves = [v.detach().clone().requires_grad_() for v in sources]
+        q_leaf = folded.detach().clone().requires_grad_()
+
+        def project_both():
+            m, l, _ = mix_op(leaves, q_leaf, EPS, torch.bfloat16)
+            torch.autograd.backward([*m, l], [*grad_mixes, grad_lse])
+        results[f"project_fwd_bwd_{spec}"] = row(f"project_fwd_bwd_w{fwd_w}/{bwd_w}", project_both,
+                                                 floor_fwd + floor_bwd)
+    attnres_triton.MIX_FORWARD["warps"], attnres_triton.MIX_BACKWARD["warps"] = 1, 1
+    try:
+        from flash_attn_res.ops import phase_1 as far
+    except ImportError as exc:
+        print(json.dumps({"section": "phase1_ops", "variant": "flash_attn_res", "error": f"not importable: {exc}"}))
+        return
+    far_fwd = far._phase_1_batched_attention_forward_with_aux_triton_op
+    far_bwd = far._batched_attention_backward_triton_op
+    outs, lses, inv_rms, far_logits = far_fwd(stacked, folded, EPS)
+    mixes, lse, _ = mix_op(sources, folded, EPS, torch.bfloat16)
+
+    def same_mix():  # both compute the same function: mixes and lse agree
+        return max((outs.view(r_count, n, d).float() - torch.stack(mixes).float()).abs().max().item(),
+                   (lses.view(r_count, n) - lse).abs().max().item())
+    results["far_fwd"] = row("far_fwd", lambda: far_fwd(stacked, folded, EPS), floor_fwd, same_mix)
+    grad_mix_far = grad_mix.view(r_count, 1, n, d)
+    grad_lse_far = grad_lse.view(r_count, 1, n)
+    results["far_bwd"] = row("far_bwd", lambda: far_bwd(stacked, folded, lses, inv_rms, far_logits, grad_mix_far,
+                                                       grad_lse_far, True, EPS), floor_bwd)
+    stacked_leaf = stacked.detach().clone().requires_grad_()
+    q_far = folded.detach().clone().requires_grad_()
+
+    def far_both():
+        o, l = far.phase_1_batched_attention_triton_op(stacked_leaf, q_far, EPS)
+        torch.autograd.backward([o, l], [grad_mix_far, grad_lse_far])
+    results["far_fwd_bwd"] = row("far_fwd_bwd", far_both, floor_fwd + floor_bwd)
+    best = min((v, k) for k, v in results.items() if k.startswith("project_fwd_bwd"))
+    print(json.dumps({"section": "phase1_ops", "summary": True, "best_project_fwd_bwd": best[1],
+                      "project_over_far": round(best[0] / results["far_fwd_bwd"], 3)}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sources", type=int, default=4)
@@ -168,7 +270,12 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--only", default="phase1,merge", help="comma list of sections: phase1, merge")
+    ap.add_argument("--only", default="phase1,merge",
+                    help="comma list of sections: phase1, merge, phase1_ops")
+    ap.add_argument("--mix-warps", default="1/1,2/2,4/4",
+                    help="phase1_ops: warps per token program of the phase-1 kernels, forward/backward")
+    ap.add_argument("--bandwidth", type=float, default=4300.0,
+                    help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",
                     help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps")
     args = ap.parse_args()
@@ -176,7 +283,7 @@ def main() -> None:
         raise SystemExit("needs CUDA and Triton")
     g = torch.Generator(device="cuda").manual_seed(0)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **vars(args)}))
-    sections = {"phase1": phase_one, "merge": merge}
+    sections = {"phase1": phase_one, "merge": merge, "phase1_ops": phase_one_ops}
     for name in args.only.split(","):
         if name not in sections:
             raise SystemExit(f"unknown section {name!r}; choose from {list(sections)}")

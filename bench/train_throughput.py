@@ -108,9 +108,62 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
     tok_s = batch * args.seq / (step_ms / 1e3)
     mfu = tok_s * model_flops_per_token(cfg.model, args.seq) / H100_PEAK
     name = "project" + ("" if attn_res else "_no_attnres") + variant
+    first = next((r for r in records if r.get("step") == 0 and "step_ms" in r), None)
+    stalls = [r["checkpoint_stall_s"] for r in records if "checkpoint_stall_s" in r]
     return {"name": name + ("" if compile_ else "_eager"), "B": batch, "windows_ms": [round(t, 1) for t in timed],
             "T": args.seq, "step_ms": round(step_ms, 1), "tok_s": round(tok_s), "mfu": round(mfu, 3),
-            "mem_gb": round(peak, 1), "loss": records[-1].get("loss")}
+            "mem_gb": round(peak, 1), "loss": last_loss(records),
+            # step 0 holds the compile (its record times the loop's start to its end)
+            "compile_s": round(first["step_ms"] / 1e3, 2) if first else None,
+            "checkpoint_stall_s": round(max(stalls), 3) if stalls else None}
+
+
+def last_loss(records: list[dict]) -> float | None:
+    return next((r["loss"] for r in reversed(records) if "loss" in r), None)
+
+
+HEADLINE_KEYS = ("device", "date", "ref_compile_tokens_per_s", "project_tokens_per_s", "ratio_vs_ref_compile",
+                 "attnres_cost_fraction", "optimizer_step_ms", "compile_s", "checkpoint_stall_s",
+                 "stage_vs_bench_ratio")
+
+
+def steady_stage_tokens_per_s(metrics_path: Path, skip_steps: int) -> float | None:
+    """Median tokens_per_s of a training stage's metrics.jsonl records after its first `skip_steps` steps
+    (the compile and warm-up); the stalls are logged in records of their own, so the median is the
+    steady rate between them."""
+    rates = [r["tokens_per_s"] for r in (json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip())
+             if "tokens_per_s" in r and r.get("step", 0) >= skip_steps]
+    return statistics.median(rates) if rates else None
+
+
+def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: float | None = None) -> dict:
+    """The latest headline (bench/results.json), null where this run did not measure it:
+        ratio_vs_ref_compile  = project tok/s ÷ ref_compile tok/s (same run, same batch and length)
+        attnres_cost_fraction = 1 − project tok/s ÷ project-with-AttnRes-off tok/s
+        optimizer_step_ms     = median synchronized time of the hybrid optimizer step alone
+        compile_s             = the project run's step 0 (compile included), seconds
+        checkpoint_stall_s    = the project run's worst checkpoint stall (its final save)
+        stage_vs_bench_ratio  = a training stage's steady tok/s (--stage-metrics) ÷ project tok/s"""
+    ref = results.get("ref", {}).get("tok_s")
+    proj = results.get("project", {}).get("tok_s")
+    plain = results.get("no_attnres", {}).get("tok_s")
+    out = {"device": device, "date": date,
+           "ref_compile_tokens_per_s": ref, "project_tokens_per_s": proj,
+           "ratio_vs_ref_compile": round(proj / ref, 3) if ref and proj else None,
+           "attnres_cost_fraction": round(1 - proj / plain, 3) if proj and plain else None,
+           "optimizer_step_ms": results.get("optimizer", {}).get("ms"),
+           "compile_s": results.get("project", {}).get("compile_s"),
+           "checkpoint_stall_s": results.get("project", {}).get("checkpoint_stall_s"),
+           "stage_vs_bench_ratio": round(stage_tok_s / proj, 3) if stage_tok_s and proj else None}
+    assert tuple(out) == HEADLINE_KEYS
+    return out
+
+
+def write_headline(path: Path, record: dict) -> None:
+    """Overwrite `path` with the headline (written beside and renamed, so a reader never sees half)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5) -> float:
@@ -129,8 +182,12 @@ def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5) -> float:
 
 
 def optimizer_step_ms(args) -> dict:
-    """Median time of the hybrid optimizer step alone on the preset with random gradients, and of its
-    Muon and AdamW halves."""
+    """Median time of the hybrid optimizer step alone on the preset with random gradients, of its Muon
+    and AdamW halves, of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
+    and the step replayed from a CUDA graph (`graphed_ms`, learning rates frozen at capture: the time
+    the step's kernels take without launch gaps)."""
+    from kotodama_core.optim.newton_schulz import VARIANTS
+
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml")
     model = KotodamaLM(cfg.model).to(args.device)
     opt = build_optimizer(model, cfg.optim)
@@ -139,9 +196,43 @@ def optimizer_step_ms(args) -> dict:
     out = {"name": "hybrid_optimizer_step", "ms": round(_median_ms(opt.step, args.device), 2)}
     for part, o in opt.optimizers.items():
         out[f"{part}_ms"] = round(_median_ms(o.step, args.device), 2)
-    out["muon_matrices"] = (sum(len(g["params"]) for g in opt.optimizers["muon"].param_groups)
-                            if "muon" in opt.optimizers else 0)
+    muon = opt.optimizers.get("muon")
+    out["muon_matrices"] = sum(len(g["params"]) for g in muon.param_groups) if muon else 0
+    if muon:
+        configured = [g["ns_variant"] for g in muon.param_groups]
+        for variant in VARIANTS:
+            for g in muon.param_groups:
+                g["ns_variant"] = variant
+            out[f"muon_{variant}_ms"] = round(_median_ms(muon.step, args.device), 2)
+        for g, v in zip(muon.param_groups, configured):
+            g["ns_variant"] = v
+    if args.device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            torch.cuda.synchronize()
+        out["kernels_per_step"] = len(device_kernels(prof))
+        out["graphed_ms"] = round(graphed_step_ms(opt), 2)
     return out
+
+
+def graphed_step_ms(opt) -> float:
+    """Median time of opt.step() replayed from a CUDA graph (AdamW switched to capturable)."""
+    for inner in opt.optimizers.values():
+        for g in inner.param_groups:
+            if "capturable" in g:
+                g["capturable"] = True
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return _median_ms(graph.replay, "cuda")
 
 
 # Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).
@@ -273,8 +364,15 @@ def main() -> None:
     ap.add_argument("--profile-out", default="profile.txt")
     ap.add_argument("--profile-top", type=int, default=25, help="kernels listed in the profile summary")
     ap.add_argument("--json-out", default=None,
-                    help="also append each measurement as one JSON line to this file as soon as it is done, "
-                         "so a run stopped at a time limit keeps what it measured")
+                    help="write the headline (bench/results.json's keys) to this file, rewritten after every "
+                         "measurement so a run stopped at a time limit keeps what it measured")
+    ap.add_argument("--jsonl-out", default=None,
+                    help="also append each measurement as one JSON line to this file as soon as it is done")
+    ap.add_argument("--stage-metrics", default=None,
+                    help="a training stage's metrics.jsonl: its steady tokens/s over the project's gives "
+                         "stage_vs_bench_ratio")
+    ap.add_argument("--stage-skip-steps", type=int, default=10,
+                    help="steps of --stage-metrics left out as compile and warm-up")
     ap.add_argument("--ref-timeout", type=int, default=300)
     ap.add_argument("--preset", default="proxy-108m")
     ap.add_argument("--device", default="cuda")
@@ -287,6 +385,11 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(json.dumps({"torch": torch.__version__, "device": name}), flush=True)
+    triton_version = getattr(sys.modules.get("triton"), "__version__", None)
+    device_label = f"{name} (torch {torch.__version__}" + (f", Triton {triton_version})" if triton_version else ")")
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    stage_tok_s = (steady_stage_tokens_per_s(Path(args.stage_metrics), args.stage_skip_steps)
+                   if args.stage_metrics else None)
     results: dict[str, dict] = {}
     t0 = time.time()
     plan = [("ref", lambda: reference(args, "ref_compile", args.batch)),
@@ -317,9 +420,11 @@ def main() -> None:
         results[key]["elapsed_s"] = round(time.time() - started)
         line = json.dumps(results[key])
         print(line, flush=True)
-        if args.json_out:
-            with open(args.json_out, "a") as f:
+        if args.jsonl_out:
+            with open(args.jsonl_out, "a") as f:
                 f.write(line + "\n")
+        if args.json_out:
+            write_headline(Path(args.json_out), headline(results, device_label, today, stage_tok_s))
         if args.device == "cuda":
             torch.cuda.empty_cache()
     summary = {"elapsed_s": round(time.time() - t0)}

@@ -49,7 +49,7 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(sys, "argv", [
         "train_throughput.py", "--anchor", "unused.py", "--device", "cpu", "--no-compile", "--preset", "tiny",
         "--batch", "2", "--seq", "64", "--window", "1", "--windows", "2", "--only", "project,no_attnres,optimizer",
-        "--json-out", str(out)])
+        "--jsonl-out", str(out), "--json-out", str(tmp_path / "results.json")])
     train_throughput.main()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     by_name = {r.get("name"): r for r in lines}
@@ -62,9 +62,40 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
     summary = lines[-1]["summary"]
     assert summary["attnres_cost"] == pytest.approx(
         1 - by_name["project_eager"]["tok_s"] / by_name["project_no_attnres_eager"]["tok_s"], abs=1e-3)
-    # --json-out holds the same three measurements, appended as each finished.
+    # --jsonl-out holds the same three measurements, appended as each finished.
     assert [json.loads(x)["name"] for x in out.read_text().splitlines()] == [
         "project_eager", "project_no_attnres_eager", "hybrid_optimizer_step"]
+    opt = by_name["hybrid_optimizer_step"]
+    assert all(opt[f"muon_{v}_ms"] > 0 for v in ("quintic", "gram_ns", "gram"))
+    # --json-out: the headline, every key present, null where this run measured nothing
+    head = json.loads((tmp_path / "results.json").read_text())
+    assert tuple(head) == train_throughput.HEADLINE_KEYS
+    assert head["device"].startswith("cpu (torch ")
+    assert head["project_tokens_per_s"] == by_name["project_eager"]["tok_s"]
+    assert head["attnres_cost_fraction"] == summary["attnres_cost"]
+    assert head["optimizer_step_ms"] == opt["ms"]
+    assert head["compile_s"] == by_name["project_eager"]["compile_s"] > 0
+    assert head["checkpoint_stall_s"] is not None  # the run's final save
+    assert head["ref_compile_tokens_per_s"] is None and head["ratio_vs_ref_compile"] is None
+    assert head["stage_vs_bench_ratio"] is None
+
+
+def test_headline_ratios_and_stage_rate(tmp_path):
+    results = {"ref": {"tok_s": 400}, "project": {"tok_s": 300, "compile_s": 41.5, "checkpoint_stall_s": 0.2},
+               "no_attnres": {"tok_s": 320}, "optimizer": {"ms": 2.5}}
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "tokens_per_s": 10}, {"step": 10, "tokens_per_s": 290},
+            {"step": 20, "checkpoint_stall_s": 3.0}, {"step": 20, "tokens_per_s": 296},
+            {"step": 30, "tokens_per_s": 280}]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rate = train_throughput.steady_stage_tokens_per_s(metrics, skip_steps=10)
+    assert rate == 290
+    head = train_throughput.headline(results, "dev", "2026-12-04", rate)
+    assert head["ratio_vs_ref_compile"] == 0.75 and head["attnres_cost_fraction"] == 0.062
+    assert head["stage_vs_bench_ratio"] == round(290 / 300, 3)
+    assert (head["compile_s"], head["checkpoint_stall_s"], head["optimizer_step_ms"]) == (41.5, 0.2, 2.5)
+    train_throughput.write_headline(tmp_path / "r.json", head)
+    assert json.loads((tmp_path / "r.json").read_text()) == head
 
 
 def test_unknown_measurement_is_named(monkeypatch):

@@ -155,11 +155,19 @@ if triton is not None:
                 _TABLES.popitem(last=False)
         return table
 
-    def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype) -> dict:
+    # Warps per token program of the phase-1 kernels. One warp keeps every reduction inside the warp, but
+    # caps a Hopper SM at 32 resident one-warp programs (half its warp slots); more warps per token put
+    # more loads in flight per program at the price of cross-warp reductions. bench/attnres_kernels.py
+    # (--mix-warps) times the choices.
+    MIX_FORWARD = {"warps": 1}
+    MIX_BACKWARD = {"warps": 1}
+
+    def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype, warps: int = 1) -> dict:
         if mix_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"the AttnRes mixes are stored in float32 or bfloat16, not {mix_dtype}")
         return {"S": num_sources, "R": num_reads, "S_PAD": max(2, triton.next_power_of_2(num_sources)),
-                "BLOCK_D": triton.next_power_of_2(dim), "MIX_BF16": mix_dtype == torch.bfloat16, "num_warps": 1}
+                "BLOCK_D": triton.next_power_of_2(dim), "MIX_BF16": mix_dtype == torch.bfloat16,
+                "num_warps": warps}
 
     # Opaque custom operators (their kernels take tuples of tensors, which the traced triton_op path
     # does not), so torch.compile sees them as graph nodes with known outputs, and autograd gets the
@@ -174,7 +182,7 @@ if triton is not None:
         logits = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
         lse = torch.empty((r, n), dtype=torch.float32, device=sources[0].device)
         _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), logits, lse, n, d, eps,
-                                  **_mix_meta(len(sources), r, d, mix_dtype))
+                                  **_mix_meta(len(sources), r, d, mix_dtype, MIX_FORWARD["warps"]))
         return mixes, lse, logits
 
     @attnres_block_mix.register_fake
@@ -197,7 +205,7 @@ if triton is not None:
         grad_mixes = [g.to(mix_dtype).contiguous() for g in grad_mixes]
         _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
                                    tuple(grad_sources), coef, n, d, eps,
-                                   **_mix_meta(len(sources), r, d, mix_dtype))
+                                   **_mix_meta(len(sources), r, d, mix_dtype, MIX_BACKWARD["warps"]))
         grad_q = coef[0] @ sources[0].float()
         for k in range(1, len(sources)):
             grad_q = grad_q + coef[k] @ sources[k].float()
