@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
-
 from kotodama_core.metrics.weights import participation_ratio
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `values` (flattened), ties given their average rank (as scipy.stats.rankdata's
+    default 'average' method): rank_i = (first_i + last_i) / 2 over the 1-based sorted positions of the
+    tie group of i. Kept here in numpy so the core needs no scipy (scipy is in the `eval` extra)."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(a, kind="mergesort")
+    inverse = np.empty(a.size, dtype=np.intp)
+    inverse[order] = np.arange(a.size)
+    ordered = a[order]
+    starts = np.r_[True, ordered[1:] != ordered[:-1]]
+    group = starts.cumsum()[inverse]  # 1-based tie group of each value
+    bounds = np.r_[np.nonzero(starts)[0], a.size]  # group g spans sorted positions bounds[g-1] .. bounds[g]-1
+    return 0.5 * (bounds[group] + bounds[group - 1] + 1)
 
 
 def _matrix(x: torch.Tensor | np.ndarray) -> np.ndarray:
