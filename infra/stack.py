@@ -251,8 +251,41 @@ def pool_concurrency() -> int:
     return int(raw)
 
 
+def crash_orphaned_runs(stack: Stack) -> list[str]:
+    """Flow runs of the pool still RUNNING or PENDING while no worker lives: their worker died with them
+    (a flow run exits with its worker), so they are marked Crashed. Otherwise they would hold the pool's
+    concurrency slot for ever and no new run could start."""
+    code = (
+        "import sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,\n"
+        "    WorkPoolFilter, WorkPoolFilterName)\n"
+        "from prefect.client.schemas.objects import StateType\n"
+        "from prefect.states import Crashed\n"
+        "with get_client(sync_client=True) as c:\n"
+        "    runs = c.read_flow_runs(flow_run_filter=FlowRunFilter(state=FlowRunFilterState(\n"
+        "        type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))),\n"
+        f"        work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[{POOL!r}])))\n"
+        "    for r in runs:\n"
+        "        c.set_flow_run_state(r.id, Crashed(message='its worker died'), force=True)\n"
+        "        print(r.id)\n")
+    env = {**os.environ, **stack_env(stack, stack.urls())}
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    if res.returncode != 0:
+        raise RuntimeError(f"could not mark orphaned flow runs crashed:\n{res.stderr[-2000:]}")
+    return res.stdout.split()
+
+
 def start_worker(stack: Stack) -> int:
-    """(Re)start the process worker of the pool; one flow run at a time on this machine."""
+    """(Re)start the process worker of the pool; one flow run at a time on this machine. Runs left
+    behind by a dead worker are marked Crashed first (`crash_orphaned_runs`)."""
+    if "prefect-worker" in running(stack):
+        raise RuntimeError(f"a worker of this stack already runs ({stack.state})")
+    if stack.urls():
+        crashed = crash_orphaned_runs(stack)
+        if crashed:
+            print(f"marked {len(crashed)} flow run(s) of a dead worker Crashed: {', '.join(crashed)}")
     env = {**os.environ, **stack_env(stack, stack.urls())}
     return _spawn(stack, "prefect-worker", [str(BIN / "prefect"), "worker", "start", "--pool", POOL,
                                             "--type", "process", "--limit", "1"], env)
