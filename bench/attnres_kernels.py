@@ -30,11 +30,13 @@ flash-attn-res 0.1.12 when it is importable (carry its wheel; it is not a depend
     far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
     *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
                                 (torch.autograd.backward: no loss kernels in the timing)
-at each --mix-warps choice (forward/backward warps per token program) for the project. Each row gives the
+at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to) and
+--mix-dtypes (fp32 mixes as the model keeps them, bf16 as flash-attn-res writes them) for the project. Each row gives the
 traffic floor of a one-pass implementation and the time it implies at --bandwidth GB/s:
-    forward  floor = S·N·D·4 (read fp32 sources) + R·N·D·2 (write bf16 mixes) + R·N·4 (write lse)
-    backward floor = S·N·D·4 (read sources) + R·N·D·2 (read mix gradients) + 2·R·N·4 (read lse and its
+    forward  floor = S·N·D·4 (read fp32 sources) + R·N·D·m (write the mixes, m bytes each) + R·N·4 (lse)
+    backward floor = S·N·D·4 (read sources) + R·N·D·m (read mix gradients) + 2·R·N·4 (read lse and its
                      gradient) + S·N·D·4 (write source gradients)
+(m = 2 for bf16 mixes, 4 for fp32; flash-attn-res's rows use m = 2).
 and `over_floor` = measured / floor time, plus `kernels`: each CUDA kernel's time in one call (profiler),
 so the gap can be placed on the kernel that has it.
 """
@@ -215,23 +217,34 @@ def phase_one_ops(args, g: torch.Generator) -> None:
 
     mix_op, mix_bwd_op = torch.ops.kotodama.attnres_block_mix, torch.ops.kotodama.attnres_block_mix_backward
     results = {}
-    for spec in args.mix_warps.split(","):
-        fwd_w, bwd_w = (int(x) for x in spec.split("/"))
-        attnres_triton.MIX_FORWARD["warps"], attnres_triton.MIX_BACKWARD["warps"] = fwd_w, bwd_w
-        mixes, lse, logits = mix_op(sources, folded, EPS, torch.bfloat16)
-        results[f"project_fwd_{spec}"] = row(f"project_fwd_w{fwd_w}", lambda: mix_op(sources, folded, EPS, torch.bfloat16),
-                                             floor_fwd)
-        results[f"project_bwd_{spec}"] = row(f"project_bwd_w{bwd_w}", lambda: mix_bwd_op(
-            sources, folded, logits, lse, grad_mixes, grad_lse, EPS), floor_bwd)
-        leaves = [v.detach().clone().requires_grad_() for v in sources]
-        q_leaf = folded.detach().clone().requires_grad_()
+    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD))
+    for dtype_name in args.mix_dtypes.split(","):
+        mix_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        g_mixes = [x.to(mix_dtype) for x in grad_mixes]
+        # the floors with this mix dtype: the R mixes and their gradients at its width
+        extra = r_count * n * d * (mix_dtype.itemsize - 2)
+        for spec in args.mix_warps.split(","):
+            fwd_w, bwd_w, unroll = (int(x) for x in spec.split("/"))
+            attnres_triton.MIX_FORWARD.update(warps=fwd_w, unroll_reads=unroll)
+            attnres_triton.MIX_BACKWARD.update(warps=bwd_w)
+            tag = f"{dtype_name}_w{fwd_w}/{bwd_w}_u{unroll}"
+            mixes, lse, logits = mix_op(sources, folded, EPS, mix_dtype)
+            results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, mix_dtype),
+                                                floor_fwd + extra)
+            results[f"project_bwd_{tag}"] = row(f"project_bwd_{tag}", lambda: mix_bwd_op(
+                sources, folded, logits, lse, g_mixes, grad_lse, EPS), floor_bwd + extra)
+            leaves = [v.detach().clone().requires_grad_() for v in sources]
+            q_leaf = folded.detach().clone().requires_grad_()
 
-        def project_both():
-            m, l, _ = mix_op(leaves, q_leaf, EPS, torch.bfloat16)
-            torch.autograd.backward([*m, l], [*grad_mixes, grad_lse])
-        results[f"project_fwd_bwd_{spec}"] = row(f"project_fwd_bwd_w{fwd_w}/{bwd_w}", project_both,
-                                                 floor_fwd + floor_bwd)
-    attnres_triton.MIX_FORWARD["warps"], attnres_triton.MIX_BACKWARD["warps"] = 1, 1
+            def project_both():
+                for x in (*leaves, q_leaf):
+                    x.grad = None  # no accumulation kernels in the timing
+                m, l, _ = mix_op(leaves, q_leaf, EPS, mix_dtype)
+                torch.autograd.backward([*m, l], [*g_mixes, grad_lse])
+            results[f"project_fwd_bwd_{tag}"] = row(f"project_fwd_bwd_{tag}", project_both,
+                                                    floor_fwd + floor_bwd + 2 * extra)
+    attnres_triton.MIX_FORWARD.update(defaults[0])
+    attnres_triton.MIX_BACKWARD.update(defaults[1])
     try:
         from flash_attn_res.ops import phase_1 as far
     except ImportError as exc:
@@ -254,12 +267,20 @@ def phase_one_ops(args, g: torch.Generator) -> None:
     q_far = folded.detach().clone().requires_grad_()
 
     def far_both():
+        stacked_leaf.grad = q_far.grad = None
         o, l = far.phase_1_batched_attention_triton_op(stacked_leaf, q_far, EPS)
         torch.autograd.backward([o, l], [grad_mix_far, grad_lse_far])
     results["far_fwd_bwd"] = row("far_fwd_bwd", far_both, floor_fwd + floor_bwd)
-    best = min((v, k) for k, v in results.items() if k.startswith("project_fwd_bwd"))
-    print(json.dumps({"section": "phase1_ops", "summary": True, "best_project_fwd_bwd": best[1],
-                      "project_over_far": round(best[0] / results["far_fwd_bwd"], 3)}), flush=True)
+    summary = {"section": "phase1_ops", "summary": True}
+    for dtype_name in args.mix_dtypes.split(","):
+        mine = {k: v for k, v in results.items() if k.startswith(f"project_fwd_bwd_{dtype_name}_")}
+        best = min((v, k) for k, v in mine.items())
+        summary[f"best_{dtype_name}"] = best[1]
+        summary[f"{dtype_name}_over_far_fwd_bwd"] = round(best[0] / results["far_fwd_bwd"], 3)
+        tag = best[1][len("project_fwd_bwd_"):]
+        summary[f"{dtype_name}_ops_over_far_ops"] = round(
+            (results[f"project_fwd_{tag}"] + results[f"project_bwd_{tag}"]) / (results["far_fwd"] + results["far_bwd"]), 3)
+    print(json.dumps(summary), flush=True)
 
 
 def main() -> None:
@@ -272,8 +293,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--only", default="phase1,merge",
                     help="comma list of sections: phase1, merge, phase1_ops")
-    ap.add_argument("--mix-warps", default="1/1,2/2,4/4",
-                    help="phase1_ops: warps per token program of the phase-1 kernels, forward/backward")
+    ap.add_argument("--mix-warps", default="1/1/8,1/1/0,2/2/8",
+                    help="phase1_ops: launch choices of the phase-1 kernels, forward warps/backward warps/"
+                         "reads unrolled up to (0: never)")
+    ap.add_argument("--mix-dtypes", default="fp32,bf16",
+                    help="phase1_ops: mix dtypes to time (fp32: as the model stores them; bf16: as flash-attn-res)")
     ap.add_argument("--bandwidth", type=float, default=4300.0,
                     help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",

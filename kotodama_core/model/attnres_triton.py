@@ -75,21 +75,30 @@ if triton is not None:
         return tl.load(TABLE + r).to(tl.pointer_type(element)) + n * D
 
     @triton.jit
+    def _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D,
+                      S: tl.constexpr, MIX_BF16: tl.constexpr):
+        q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
+        logit = tl.where(s_ok, tl.sum(v * q[None, :], axis=1) * inv, float("-inf"))
+        top = tl.max(logit, axis=0)
+        e = tl.exp(logit - top)
+        total = tl.sum(e, axis=0)
+        mix = tl.sum((e / total)[:, None] * v, axis=0)
+        row = _row_pointer(MIX_TABLE, r, n, D, MIX_BF16)
+        tl.store(row + d, mix.to(row.dtype.element_ty), mask=d_ok)
+        tl.store(LOGITS + (r * N + n) * S + s, logit, mask=s_ok)  # (R, N, S): a token's S logits side by side
+        tl.store(LSE + r * N + n, top + tl.log(total))
+
+    @triton.jit
     def _mix_forward_kernel(SRC, GQ, MIX_TABLE, LOGITS, LSE, N, D, eps,
                             S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                            MIX_BF16: tl.constexpr):
+                            MIX_BF16: tl.constexpr, UNROLL: tl.constexpr):
         n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
-        for r in tl.range(0, R):
-            q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
-            logit = tl.where(s_ok, tl.sum(v * q[None, :], axis=1) * inv, float("-inf"))
-            top = tl.max(logit, axis=0)
-            e = tl.exp(logit - top)
-            total = tl.sum(e, axis=0)
-            mix = tl.sum((e / total)[:, None] * v, axis=0)
-            row = _row_pointer(MIX_TABLE, r, n, D, MIX_BF16)
-            tl.store(row + d, mix.to(row.dtype.element_ty), mask=d_ok)
-            tl.store(LOGITS + (s * R + r) * N + n, logit, mask=s_ok)
-            tl.store(LSE + r * N + n, top + tl.log(total))
+        if UNROLL:  # every read's loads and stores in flight together (few reads)
+            for r in tl.static_range(R):
+                _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D, S, MIX_BF16)
+        else:
+            for r in tl.range(0, R):
+                _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D, S, MIX_BF16)
 
     @triton.jit
     def _mix_backward_kernel(SRC, GQ, LOGITS, LSE, GRAD_MIX_TABLE, GRAD_LSE, GRAD_SRC, COEF, N, D, eps,
@@ -99,7 +108,7 @@ if triton is not None:
         # Pass 1: the logit gradients of every read, written as coefficients ∂ℓ_rs·inv_s.
         norm_term = tl.zeros((S_PAD,), dtype=tl.float32)
         for r in tl.range(0, R):
-            logit = tl.load(LOGITS + (s * R + r) * N + n, mask=s_ok, other=0.0)
+            logit = tl.load(LOGITS + (r * N + n) * S + s, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
             g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
             a = tl.sum(v * g[None, :], axis=1)
@@ -111,7 +120,7 @@ if triton is not None:
         tl.debug_barrier()
         grad_v = -(inv * inv * norm_term / D)[:, None] * v
         for r in tl.range(0, R):
-            logit = tl.load(LOGITS + (s * R + r) * N + n, mask=s_ok, other=0.0)
+            logit = tl.load(LOGITS + (r * N + n) * S + s, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
             coef = tl.load(COEF + (s * R + r) * N + n, mask=s_ok, other=0.0)
             g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -159,7 +168,8 @@ if triton is not None:
     # caps a Hopper SM at 32 resident one-warp programs (half its warp slots); more warps per token put
     # more loads in flight per program at the price of cross-warp reductions. bench/attnres_kernels.py
     # (--mix-warps) times the choices.
-    MIX_FORWARD = {"warps": 1}
+    # The forward kernel unrolls its loop over the reads up to this many reads.
+    MIX_FORWARD = {"warps": 1, "unroll_reads": 8}
     MIX_BACKWARD = {"warps": 1}
 
     def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype, warps: int = 1) -> dict:
@@ -179,9 +189,10 @@ if triton is not None:
         n, d = sources[0].shape
         r = folded_queries.shape[0]
         mixes = [torch.empty((n, d), dtype=mix_dtype, device=sources[0].device) for _ in range(r)]
-        logits = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
+        logits = torch.empty((r, n, len(sources)), dtype=torch.float32, device=sources[0].device)
         lse = torch.empty((r, n), dtype=torch.float32, device=sources[0].device)
         _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), logits, lse, n, d, eps,
+                                  UNROLL=r <= MIX_FORWARD["unroll_reads"],
                                   **_mix_meta(len(sources), r, d, mix_dtype, MIX_FORWARD["warps"]))
         return mixes, lse, logits
 
@@ -191,7 +202,7 @@ if triton is not None:
         r = folded_queries.shape[0]
         return ([sources[0].new_empty((n, d), dtype=mix_dtype) for _ in range(r)],
                 sources[0].new_empty((r, n), dtype=torch.float32),
-                sources[0].new_empty((len(sources), r, n), dtype=torch.float32))
+                sources[0].new_empty((r, n, len(sources)), dtype=torch.float32))
 
     @torch.library.custom_op("kotodama::attnres_block_mix_backward", mutates_args=())
     def attnres_block_mix_backward(sources: list[Tensor], folded_queries: Tensor, logits: Tensor, lse: Tensor,
