@@ -179,6 +179,9 @@ def test_every_coefficient_schedule_matches_the_plain_iteration():
             for G in inputs:
                 torch.testing.assert_close(orthogonalize(G, variant, steps),
                                            _reference_orthogonalize(G, variant, steps), rtol=0, atol=2e-5)
+                # a scale applied inside the last product equals scaling the result
+                torch.testing.assert_close(orthogonalize(G, variant, steps, out_scale=-37.5),
+                                           -37.5 * orthogonalize(G, variant, steps), rtol=1e-5, atol=1e-5)
             batched = orthogonalize(stack, variant, steps)
             for i in range(4):
                 torch.testing.assert_close(batched[i], _reference_orthogonalize(stack[i], variant, steps),

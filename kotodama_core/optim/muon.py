@@ -70,8 +70,6 @@ class Muon(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
         buckets: dict[tuple[int, int], list[Tensor]] = {}
         for p in params:
             buckets.setdefault(tuple(p.shape), []).append(p)
@@ -85,10 +83,15 @@ class Muon(torch.optim.Optimizer):
                 torch.add(grads, buf, alpha=mu, out=update)
             else:
                 update = buf
-            ortho = self._orthogonalize(update, group, offset)
-            offset += len(members)
             scale = math.sqrt(max(1.0, rows / cols))
-            torch._foreach_add_(members, list(ortho.to(members[0].dtype).unbind(0)), alpha=-lr * scale)
+            if wd:  # decay and update in one pass: lerp(W, −(scale/wd)·O, lr·wd) = W(1 − lr·wd) − lr·scale·O,
+                # with −scale/wd applied inside Newton–Schulz's last product
+                target = self._orthogonalize(update, group, offset, -scale / wd).to(members[0].dtype)
+                torch._foreach_lerp_(members, list(target.unbind(0)), lr * wd)
+            else:
+                ortho = self._orthogonalize(update, group, offset)
+                torch._foreach_add_(members, list(ortho.to(members[0].dtype).unbind(0)), alpha=-lr * scale)
+            offset += len(members)
 
     def _momentum_stack(self, members: list[Tensor]) -> Tensor:
         """The (N, rows, cols) momentum stack of one shape bucket; state[p]["momentum_buffer"] is its j-th
@@ -107,19 +110,21 @@ class Muon(torch.optim.Optimizer):
         self._stacks[key] = (stack, views)
         return stack
 
-    def _orthogonalize(self, stack: Tensor, group: dict, offset: int) -> Tensor:
-        """NS of a (N, r, c) stack; under torch.distributed each rank does matrices (offset + j) % world."""
+    def _orthogonalize(self, stack: Tensor, group: dict, offset: int, out_scale: float = 1.0) -> Tensor:
+        """out_scale·NS of a (N, r, c) stack; under torch.distributed each rank does matrices
+        (offset + j) % world."""
         variant, steps = group["ns_variant"], group["ns_steps"]
         world, rank = _world(self.process_group)
         if world == 1:
-            return newton_schulz.orthogonalize(stack, variant, steps)
+            return newton_schulz.orthogonalize(stack, variant, steps, out_scale=out_scale)
         n, r, c = stack.shape
         first = [(k - offset) % world for k in range(world)]
         counts = [len(range(first[k], n, world)) for k in range(world)]
         dtype = newton_schulz.ns_dtype(stack.device)
         send = torch.zeros(max(counts), r, c, dtype=dtype, device=stack.device)
         if counts[rank]:
-            send[:counts[rank]] = newton_schulz.orthogonalize(stack[first[rank]::world], variant, steps)
+            send[:counts[rank]] = newton_schulz.orthogonalize(stack[first[rank]::world], variant, steps,
+                                                              out_scale=out_scale)
         received = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(received, send, group=self.process_group)
         out = torch.empty(n, r, c, dtype=dtype, device=stack.device)

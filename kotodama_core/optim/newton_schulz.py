@@ -57,8 +57,9 @@ def ns_dtype(device: torch.device) -> torch.dtype:
 
 
 def orthogonalize(G: Tensor, variant: str = "gram_ns", steps: int = 5, eps: float = 1e-7,
-                  dtype: torch.dtype | None = None) -> Tensor:
-    """Approximate U·Vᵀ of G, shape (r, c) or (N, r, c); returns `dtype` (bf16 on CUDA, else fp32)."""
+                  dtype: torch.dtype | None = None, out_scale: float = 1.0) -> Tensor:
+    """Approximate U·Vᵀ of G, shape (r, c) or (N, r, c); returns `dtype` (bf16 on CUDA, else fp32).
+    out_scale multiplies the result inside the last product (no extra pass, no extra rounding)."""
     if G.ndim not in (2, 3):
         raise ValueError(f"orthogonalize expects (rows, cols) or (batch, rows, cols), got {tuple(G.shape)}")
     coeffs = ns_coefficients(variant, steps)
@@ -67,7 +68,7 @@ def orthogonalize(G: Tensor, variant: str = "gram_ns", steps: int = 5, eps: floa
     if transposed:
         X = X.mT
     X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
-    X = _gram_iteration(X, coeffs) if variant == "gram" else _classic_iteration(X, coeffs)
+    X = _gram_iteration(X, coeffs, out_scale) if variant == "gram" else _classic_iteration(X, coeffs, out_scale)
     return X.mT if transposed else X
 
 
@@ -79,16 +80,17 @@ def _addmm(bias: Tensor, m1: Tensor, m2: Tensor, beta: float, alpha: float) -> T
     return torch.baddbmm(bias, m1, m2, beta=beta, alpha=alpha)
 
 
-def _classic_iteration(X: Tensor, coeffs: list[tuple[float, float, float]]) -> Tensor:
+def _classic_iteration(X: Tensor, coeffs: list[tuple[float, float, float]], out_scale: float = 1.0) -> Tensor:
     # X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ: three products per step, each with its scaling and sum fused.
-    for a, b, c in coeffs:
+    for step, (a, b, c) in enumerate(coeffs, start=1):
+        k = out_scale if step == len(coeffs) else 1.0
         A = X @ X.mT
         B = _addmm(A, A, A, beta=b, alpha=c)
-        X = _addmm(X, B, X, beta=a, alpha=1.0)
+        X = _addmm(X, B, X, beta=a * k, alpha=k)
     return X
 
 
-def _gram_iteration(X: Tensor, coeffs: list[tuple[float, float, float]]) -> Tensor:
+def _gram_iteration(X: Tensor, coeffs: list[tuple[float, float, float]], out_scale: float = 1.0) -> Tensor:
     A = X @ X.mT
     Q = None  # None stands for the identity, saving a product after each (re)start
     for step, (a, b, c) in enumerate(coeffs, start=1):
@@ -104,4 +106,6 @@ def _gram_iteration(X: Tensor, coeffs: list[tuple[float, float, float]]) -> Tens
         else:
             A = P @ A @ P
             A = 0.5 * (A + A.mT)  # keep the Gram matrix exactly symmetric
-    return X if Q is None else Q @ X
+    if Q is None:
+        return X * out_scale if out_scale != 1.0 else X
+    return Q @ X if out_scale == 1.0 else _addmm(X, Q, X, beta=0.0, alpha=out_scale)
