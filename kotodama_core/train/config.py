@@ -86,6 +86,8 @@ class TrainConfig(StrictModel):
     # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
     # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).
     compile_scope: Literal["model", "layers"] = "model"
+    # FP8 matmuls (torchao float8 training) for the hidden linear layers, CUDA only (train/fp8.py).
+    fp8: bool = False
     # The AttnRes reads with the Triton kernels of kotodama_core/model/attnres_triton.py (phase 1 per
     # block; each merge read fused with its RMSNorm and the residual add before it) where the run is on
     # CUDA with Triton installed; elsewhere, or when false, the PyTorch reads. On one H200 they took the

@@ -397,6 +397,9 @@ class Forwards:
 
 def build_forwards(model: KotodamaLM, cfg: RunConfig, info: DistInfo) -> Forwards:
     tcfg = cfg.train
+    if tcfg.fp8:  # before DDP and compile see the layers; the swap keeps each weight Parameter
+        from kotodama_core.train.fp8 import convert_linears_to_fp8
+        convert_linears_to_fp8(model)
     wrapped = model
     if info.distributed:
         # Depth-recurrence parameters get no gradient before recurrence switches on.
