@@ -77,3 +77,25 @@ def test_headline_of_a_killed_run_and_the_summary_table(tmp_path):
                              "--json-out", str(log)])
     table = rehearsal_headline.summary(log).splitlines()
     assert table[1].split()[:3] == ["fc_killed", "12.5", "137"] and table[-1].split() == ["total", "12.5"]
+
+
+def test_device_carry_list_pins_what_the_project_environment_holds():
+    """bench/rehearsal_carry.sh pins the data and eval stages' extra packages for the device; each pin
+    is the version installed beside the project here (so the device runs what CI tested)."""
+    import importlib.metadata as md
+    import re
+
+    text = (REPO / "bench" / "rehearsal_carry.sh").read_text()
+    block = re.search(r"PACKAGES=\((.*?)\)", text, re.S).group(1)
+    pins = dict(p.split("==") for p in block.split())
+    assert {"ftfy", "lm_eval", "datasets"} <= set(pins)
+    checked = 0
+    for name, version in pins.items():
+        try:
+            installed = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+        assert installed == version, (name, installed, version)
+        checked += 1
+    assert checked >= len(pins) // 2
+    assert subprocess.run(["bash", "-n", str(REPO / "bench" / "rehearsal_carry.sh")]).returncode == 0
