@@ -227,9 +227,11 @@ def up(stack: Stack | None = None) -> dict[str, str]:
         _wait_http(urls["prefect_api"] + "/health", "prefect-server", pid, stack)
         _wait_http(urls["mlflow"] + "/health", "mlflow-server", mpid, stack)
         _prefect(["work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
-        # One flow run at a time on the pool (not only per worker): two GPU jobs never share a device,
-        # however many workers serve it. KOTODAMA_POOL_CONCURRENCY raises it where jobs do not collide.
-        _prefect(["work-pool", "set-concurrency-limit", POOL, str(pool_concurrency())], env)
+        # A pool-wide limit (KOTODAMA_POOL_CONCURRENCY) keeps jobs of several workers off one device. It is
+        # opt-in: Prefect leaves a killed worker's flow run Running, and that run would hold the slot for good.
+        limit = pool_concurrency()
+        if limit is not None:
+            _prefect(["work-pool", "set-concurrency-limit", POOL, str(limit)], env)
         _prefect(["deploy", "--all", "--prefect-file", str(REPO_ROOT / "infra" / "prefect.yaml")], env)
         stack.env_file.write_text(json.dumps(urls, indent=1))
         start_worker(stack)
@@ -243,9 +245,12 @@ def up(stack: Stack | None = None) -> dict[str, str]:
     return urls
 
 
-def pool_concurrency() -> int:
-    """The work pool's concurrency limit: `KOTODAMA_POOL_CONCURRENCY` (default 1: one device, one job)."""
-    raw = os.environ.get("KOTODAMA_POOL_CONCURRENCY", "1")
+def pool_concurrency() -> int | None:
+    """The work pool's concurrency limit from `KOTODAMA_POOL_CONCURRENCY`; None (unset) = no pool-wide limit,
+    the single local worker's `--limit 1` alone keeps two jobs off one device."""
+    raw = os.environ.get("KOTODAMA_POOL_CONCURRENCY")
+    if raw is None:
+        return None
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"KOTODAMA_POOL_CONCURRENCY={raw!r}: give a whole number >= 1 (flow runs at a time)")
     return int(raw)

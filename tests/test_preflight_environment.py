@@ -67,10 +67,12 @@ def test_deployments_fix_the_pipeline_and_offer_the_preset_as_a_choice():
         assert "needs CUDA" in props["preset"]["description"]
 
 
-def test_pool_concurrency_defaults_to_one_job(monkeypatch):
+def test_pool_concurrency_is_opt_in_and_validated(monkeypatch):
     from infra.stack import pool_concurrency
 
     monkeypatch.delenv("KOTODAMA_POOL_CONCURRENCY", raising=False)
+    assert pool_concurrency() is None
+    monkeypatch.setenv("KOTODAMA_POOL_CONCURRENCY", "1")
     assert pool_concurrency() == 1
     monkeypatch.setenv("KOTODAMA_POOL_CONCURRENCY", "0")
     with pytest.raises(ValueError, match="KOTODAMA_POOL_CONCURRENCY"):
