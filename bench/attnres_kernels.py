@@ -76,16 +76,7 @@ def time_ms(fn, repeats: int, warmup: int) -> float:
 
 def gpu_ms(fn, repeats: int) -> float:
     """Summed CUDA kernel time per call of fn, from the profiler (launch gaps excluded)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(repeats):
-            fn()
-        torch.cuda.synchronize()
-    cuda = torch.autograd.DeviceType.CUDA
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type == cuda) / repeats / 1e3
+    return sum(_kernel_times(fn, repeats, digits=None).values())
 
 
 def measure(section: str, variants: dict, leaves: list, upstream: list, bytes_fwd: int, bytes_both: int,
@@ -176,8 +167,8 @@ def merge(args, g: torch.Generator) -> None:
     measure("merge", variants, [mix, lse, partial, query, gain, weight], upstream, bytes_fwd, bytes_both, args)
 
 
-def _kernel_times(fn, repeats: int = 5) -> dict[str, float]:
-    """Per-kernel CUDA time (ms) of one call of fn, from the profiler."""
+def _kernel_times(fn, repeats: int = 5, digits: int | None = 4) -> dict[str, float]:
+    """Per-kernel CUDA time (ms) of one call of fn, from the profiler (rounded to `digits` unless None)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -187,8 +178,9 @@ def _kernel_times(fn, repeats: int = 5) -> dict[str, float]:
             fn()
         torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
-    return {e.key[:60]: round(e.self_device_time_total / repeats / 1e3, 4) for e in prof.key_averages()
-            if e.device_type == cuda and e.self_device_time_total > 0}
+    times = {e.key[:60]: e.self_device_time_total / repeats / 1e3 for e in prof.key_averages()
+             if e.device_type == cuda and e.self_device_time_total > 0}
+    return times if digits is None else {k: round(v, digits) for k, v in times.items()}
 
 
 def phase_one_ops(args, g: torch.Generator) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,21 @@ def save_pt_zst(obj: Any, path: str | Path, level: int = 3) -> Path:
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(buf.getbuffer())
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    return write_atomic(data, path)
+
+
+def write_atomic(data: bytes, path: Path, check: Callable[[Path], Any] | None = None) -> Path:
+    """`data` into a temporary file beside `path`, fsynced, checked by `check(tmp)` when given (raising
+    stops the publication), then renamed over `path`; the rename is made durable too."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

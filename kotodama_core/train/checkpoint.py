@@ -30,8 +30,8 @@ import zstandard
 import numpy as np
 import torch
 
-from kotodama_core.model.io import (CheckpointError, checkpoint_name, fsync_dir, load_pt_zst,  # noqa: F401
-                                    save_pt_zst)
+from kotodama_core.model.io import (CheckpointError, checkpoint_name, load_pt_zst,  # noqa: F401
+                                    save_pt_zst, write_atomic)
 
 _NAME = re.compile(r"^step_(\d{7,})\.pt\.zst$")
 # Fault injection for tests and drills: the writer SIGKILLs the process half-way through writing this
@@ -74,26 +74,17 @@ def encode(state: Any) -> bytes:
 
 def publish_verified(data: bytes, path: Path, *, kill_half_way: bool = False) -> Path:
     """Write `data` to a temp file beside `path`, fsync, read it back (zstd checksum and torch.load,
-    weights_only), then rename it to `path`. An unreadable file is never published."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            if kill_half_way:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-                os.kill(os.getpid(), signal.SIGKILL)
-            f.write(data)
+    weights_only), then rename it to `path`. An unreadable file is never published. `kill_half_way` (fault
+    drills) SIGKILLs this process with half the temp file written."""
+    if kill_half_way:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}"), "wb") as f:
+            f.write(data[: len(data) // 2])
             f.flush()
             os.fsync(f.fileno())
-        load_pt_zst(tmp, weights_only=True)  # raises CheckpointError, naming the file, if unreadable
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-    return path
+        os.kill(os.getpid(), signal.SIGKILL)
+    # load_pt_zst raises CheckpointError, naming the file, when it is unreadable
+    return write_atomic(data, path, check=lambda tmp: load_pt_zst(tmp, weights_only=True))
 
 
 def save_verified(state: Any, path: Path) -> Path:
