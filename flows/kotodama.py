@@ -6,7 +6,8 @@ Deployments (infra/prefect.yaml) run the flows `fullcorpus`, `bcpt`, `nca` (all 
                   refused without a CUDA GPU by flows.preflight.check_environment before any stage)
   overrides       dotted config keys for the pipeline's run config, e.g. {"eval.limit": 8}
   nca_overrides   the same for the NCA run config inside `fullcorpus`
-  init_checkpoint bcpt source: a training artifact folder or a .pt.zst file
+  init_checkpoint bcpt source: a training or converted artifact, a checkpoint file, or a folder of the
+                  original code's checkpoints (its file for init_step)
   init_run_id     bcpt source: an MLflow run (a fullcorpus flow's parent run or its train stage run)
   init_step       the checkpoint step of that source (default: the bcpt config's train.init.step)
 
@@ -160,7 +161,8 @@ def bcpt(preset: Preset = "tiny", overrides: dict[str, Any] | None = None, init_
         preset: which run configs. tiny: 2-core CPU demo, minutes end to end; proxy-108m: the model card's
             108M recipes (configs/runs/bcpt.yaml), needs CUDA GPUs.
         overrides: dotted keys of the bcpt run config.
-        init_checkpoint: a training artifact folder or a .pt.zst file to start from.
+        init_checkpoint: a training or converted artifact, a checkpoint file (any form `kotodama checkpoint
+            inspect` reads), or a folder of the original code's checkpoints (file by init_step).
         init_run_id: an MLflow run to start from (a fullcorpus parent run or its train stage run).
         init_step: the checkpoint step of that source (default: the config's train.init.step).
     """

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flows.preflight import artifact_from_mlflow_run, check_fits_model, checkpoint_file
+from flows.preflight import artifact_from_mlflow_run, check_fits_model
 from kotodama_core.artifacts import ArtifactError
 from kotodama_core.config import ConfigError
 from stages.graph import Step, plan, resolve
@@ -37,8 +37,12 @@ def build_plan(pipeline: str, preset: str, overrides: dict[str, Any] | None = No
         source = artifact_from_mlflow_run(init_run_id)
     else:
         source = default_bcpt_source(preset)
-    check_fits_model(checkpoint_file(source, cfg.train.init.step), cfg)
-    return plan("bcpt", preset, overrides, init=source)
+    from kotodama_core.train.checkpoint import has_manifest, init_checkpoint_file
+
+    file = init_checkpoint_file(source, cfg.train.init.step)
+    check_fits_model(file, cfg)
+    # A folder of the original code's checkpoints has no manifest: the run counts the chosen file.
+    return plan("bcpt", preset, overrides, init=source if has_manifest(source) else file)
 
 
 def default_bcpt_source(preset: str) -> Path:

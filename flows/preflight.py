@@ -15,7 +15,6 @@ import os
 import re
 from pathlib import Path
 
-from kotodama_core.artifacts import MANIFEST, ArtifactError, read_manifest
 from kotodama_core.config import ConfigError, RunConfig
 
 ARTIFACT_TAG = "kotodama.artifact_dir"
@@ -43,21 +42,6 @@ def artifact_from_mlflow_run(run_id: str) -> Path:
     if not folder:
         raise ConfigError(f"MLflow run {run.info.run_id} has no {ARTIFACT_TAG} tag")
     return Path(folder)
-
-
-def checkpoint_file(source: Path, step: int | None) -> Path:
-    """The file a training run initialised from `source` at `step` will read; clear errors if absent."""
-    from kotodama_core.train.checkpoint import artifact_weights
-
-    source = Path(source).expanduser()
-    if source.is_file() and source.name != MANIFEST:
-        return source
-    if not source.exists():
-        raise ArtifactError(f"init checkpoint {source} does not exist")
-    manifest = read_manifest(source)
-    if manifest.stage != "train":
-        raise ArtifactError(f"{source} is a {manifest.stage!r} artifact, not a training artifact")
-    return artifact_weights(manifest.root, step)
 
 
 def check_fits_model(path: Path, cfg: RunConfig) -> None:

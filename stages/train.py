@@ -3,7 +3,8 @@
 Also the torchrun target: `torchrun --nproc_per_node N -m stages.train ...` (gloo on CPU, nccl on GPU).
 Works in `<out>.partial/` (checkpoints live there, so a restarted run resumes by itself) and renames it
 to `<out>` when training is done. Inputs: `data`, a data-stage or NCA-data artifact; `init`, optional, a
-training artifact folder (its `train.init.step` checkpoint, or its final weights) or a `.pt.zst` file.
+training or `kotodama checkpoint convert` artifact (its `train.init.step` checkpoint, or its final weights), a
+checkpoint file in any form `kotodama checkpoint inspect` reads, or a folder of the original code's checkpoints.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from kotodama_core.artifacts import (MANIFEST, ArtifactError, Manifest, begin, commit, input_digest,
                                      partial_dir, read_manifest, write_manifest)
 from kotodama_core.config import RunConfig, dump_yaml
-from kotodama_core.train.checkpoint import artifact_weights
+from kotodama_core.train.checkpoint import has_manifest, init_checkpoint_file
 from kotodama_core.train.distributed import barrier, init_distributed, shutdown
 from kotodama_core.train.engine import train
 from kotodama_core.train.guard import ResumeRefused, identity_digest, refusal, run_identity
@@ -24,20 +25,20 @@ STAGE = "train"
 
 
 def resolve_init(cfg: RunConfig, inputs: dict[str, Path]) -> tuple[Path | None, dict[str, Manifest]]:
-    """The checkpoint file to initialise from, and the manifest to fold into this stage's digest."""
+    """The checkpoint file to initialise from, and the manifest to fold into this stage's digest.
+
+    `init` is a training or converted artifact (it counts by its manifest digest), a checkpoint file, or a
+    folder of the original code's checkpoints (both count by the chosen file's sha256). Without an input,
+    `train.init.checkpoint` names the source; its path is already part of the config digest."""
     source = inputs.get("init")
     if source is None:
         if cfg.train.init.checkpoint:
-            path = Path(cfg.train.init.checkpoint).expanduser()
-            if not path.is_file():
-                raise ArtifactError(f"train.init.checkpoint {path} does not exist")
-            return path, {}
+            return init_checkpoint_file(cfg.train.init.checkpoint, cfg.train.init.step), {}
         return None, {}
-    if source.is_file() and source.name != MANIFEST:
-        digest_of_file = Manifest(source, {"digest": input_digest(source), "stage": "file", "outputs": []})
-        return source, {"init": digest_of_file}
-    manifest = read_manifest(source)
-    return artifact_weights(manifest.root, cfg.train.init.step), {"init": manifest}
+    file = init_checkpoint_file(source, cfg.train.init.step)
+    if has_manifest(source):
+        return file, {"init": read_manifest(source)}
+    return file, {"init": Manifest(file, {"digest": input_digest(file), "stage": "file", "outputs": []})}
 
 
 def finished_identity(manifest: Manifest) -> dict:

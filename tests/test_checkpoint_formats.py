@@ -260,3 +260,50 @@ def test_resume_from_converted_project_folder(tmp_path, orig):
     model = KotodamaLM(cfg.model)
     load_weights_strict(model, state["model"], "x")
     build_optimizer(model, cfg.optim).load_state_dict(state["optimizer"])
+
+
+def test_init_from_a_folder_of_original_checkpoints(tmp_path, orig):
+    """train.init.step names the file (`step_00000010` holds 11 updates); the digest is that file's sha256."""
+    from kotodama_core.artifacts import ArtifactError, sha256_file
+    from kotodama_core.train.checkpoint import init_checkpoint_file
+    from stages.train import resolve_init
+
+    folder = tmp_path / "orig"
+    older = write_sync({**orig, "step": 4}, folder)
+    newer = write_async(orig, folder)
+    assert init_checkpoint_file(folder, 4) == older
+    assert init_checkpoint_file(folder, None) == newer
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 7; it holds steps \[4, 10\]"):
+        init_checkpoint_file(folder, 7)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        init_checkpoint_file(tmp_path / "nowhere", 4)
+
+    cfg = _run_cfg(step=4, allow_unmapped=True)
+    file, manifests = resolve_init(cfg, {"init": folder})
+    assert file == older and manifests["init"].digest == sha256_file(older)
+    by_key = _run_cfg(step=10, checkpoint=str(folder), allow_unmapped=True)
+    assert resolve_init(by_key, {}) == (newer, {})
+    state = resume_state(file, cfg)
+    assert state["step"] == 5  # the original's step 4 = 5 updates
+
+
+def test_bcpt_plan_from_a_folder_of_original_checkpoints(tmp_path, monkeypatch):
+    """The bcpt deployment takes the original's checkpoint folder: its step file is the init input."""
+    from flows.pipelines import build_plan
+    from kotodama_core.config import ConfigError
+    from stages.graph import resolve
+
+    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path / "home"))
+    cfg = resolve("bcpt", "tiny")
+    state = original_state(cfg.model, step=cfg.train.init.step)
+    file = write_async(state, tmp_path / "orig")
+    write_sync({**state, "step": cfg.train.init.step + 5}, tmp_path / "orig")  # a later one: not chosen
+    steps = build_plan("bcpt", "tiny", init_checkpoint=str(tmp_path / "orig"))
+    train = next(s for s in steps if s.key == "train")
+    assert train.inputs["init"] == file
+    wrong = original_state(tiny_config(), step=cfg.train.init.step)
+    write_async(wrong, tmp_path / "other")
+    with pytest.raises(ConfigError, match="does not fit the tiny model"):
+        build_plan("bcpt", "tiny", init_checkpoint=str(tmp_path / "other"))
+    later = build_plan("bcpt", "tiny", init_checkpoint=str(tmp_path / "orig"), init_step=cfg.train.init.step + 5)
+    assert next(s for s in later if s.key == "train").inputs["init"].suffix == ".pt"

@@ -35,7 +35,7 @@ def test_the_train_artifact_of_a_parent_run_or_of_the_stage_run(tracking, tmp_pa
 
 
 def test_a_source_that_is_not_a_training_artifact_is_refused(tmp_path):
-    from flows.preflight import checkpoint_file
+    from kotodama_core.train.checkpoint import init_checkpoint_file as checkpoint_file
 
     (tmp_path / "eval").mkdir()
     write_manifest(tmp_path / "eval", stage="eval", config={}, inputs={})

@@ -65,6 +65,42 @@ def artifact_weights(root: Path, step: int | None) -> Path:
     return path
 
 
+# Artifacts whose weights a run may start from: a training run's, or `kotodama checkpoint convert`'s.
+INIT_STAGES = ("train", "checkpoint_convert")
+
+
+def init_checkpoint_file(source: str | Path, step: int | None) -> Path:
+    """The file a run initialised from `source` at `train.init.step` reads.
+
+    A file is itself. A training artifact (or a `kotodama checkpoint convert` folder) gives its step-`step`
+    checkpoint, or its final weights when `step` is None. A folder without a manifest is a folder of the
+    original code's checkpoints: `step_{step:08d}.pt(.zst)`, or its newest when `step` is None. `step` is
+    always the number in the file name (the original's `step_00072000` holds 72,001 updates).
+    """
+    from kotodama_core.artifacts import MANIFEST, ArtifactError, read_manifest
+    from kotodama_core.checkpoint_formats.formats import resolve_file
+
+    source = Path(source).expanduser()
+    if source.is_file() and source.name != MANIFEST:
+        return source
+    if not source.exists():
+        raise ArtifactError(f"init checkpoint {source} does not exist")
+    if source.is_dir() and not (source / MANIFEST).is_file():
+        return resolve_file(source, step)
+    manifest = read_manifest(source)
+    if manifest.stage not in INIT_STAGES:
+        raise ArtifactError(f"{source} is a {manifest.stage!r} artifact, not a training artifact")
+    return artifact_weights(manifest.root, step)
+
+
+def has_manifest(source: str | Path) -> bool:
+    """Whether `source` is an artifact folder (it counts by its manifest digest, not a file's sha256)."""
+    from kotodama_core.artifacts import MANIFEST
+
+    source = Path(source)
+    return source.name == MANIFEST or (source / MANIFEST).is_file()
+
+
 def encode(state: Any) -> bytes:
     """torch.save(state) compressed with zstd, content checksum on (the `.pt.zst` format)."""
     buf = io.BytesIO()
