@@ -10,7 +10,10 @@
 # data/corpus-mix, data/smollm2-tokenizer and data/eval; default: ../shared beside the repository),
 # --kill-at STEP (default: 20 on tiny, 40 on proxy-108m; a checkpoint step), --compile (torch.compile
 # for both training runs), --python PY (default: .venv/bin/python when present, else python3),
-# --set KEY=VALUE (an extra override for every stage, repeatable).
+# --set KEY=VALUE (an extra override for every stage, repeatable), --steady N (after the chain, one more
+# fullcorpus training stage of N steps on the same data with checkpoints, validation and the monitor on;
+# on proxy-108m at the benchmark's shape, micro-batch 8 x 4096, compiled: its steady tokens/s beside
+# bench/train_throughput.py's `project` figure, and its checkpoint/validation/monitor stalls, each apart).
 # Prints one `[rehearsal] <stage> <seconds> s (exit N) | headline ...` line per stage, then a table;
 # OUT/rehearsal.jsonl keeps the same lines as JSON. Exits non-zero when a stage fails, when the killed
 # run was not killed, or when the resumed run did not resume from the kill step.
@@ -22,6 +25,7 @@ OUT=""
 SHARED="$REPO/../shared"
 KILL_AT=""
 COMPILE=0
+STEADY=0
 PY=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -31,9 +35,11 @@ while [[ $# -gt 0 ]]; do
     --shared) SHARED="$2"; shift 2 ;;
     --kill-at) KILL_AT="$2"; shift 2 ;;
     --compile) COMPILE=1; shift ;;
+    --steady) STEADY="$2"; shift 2
+      [[ $STEADY =~ ^[0-9]+$ ]] || { echo "gpu_rehearsal.sh: --steady takes a number of steps, got $STEADY" >&2; exit 2; } ;;
     --python) PY="$2"; shift 2 ;;
     --set) EXTRA+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_rehearsal.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -128,4 +134,19 @@ run_stage eval eval "$OUT/eval" ok -- \
   stage eval --config "$FC_CFG" --out "$OUT/eval" --input "checkpoint=$OUT/fc" --input "data=$OUT/data" "${SETS[@]}"
 run_stage report report "$OUT/report" ok -- \
   stage report --config "$FC_CFG" --out "$OUT/report" --input "train=$OUT/fc" --input "eval=$OUT/eval" "${SETS[@]}"
+if [[ $STEADY -gt 0 ]]; then
+  # Steady-state figures: the small data repeats (max_epochs off), and every kind of stall happens at
+  # least twice in the run.
+  EVERY=$(( STEADY / 3 > 1 ? STEADY / 3 : 1 ))
+  STEADY_SETS=(--set "train.steps=$STEADY" --set train.max_epochs=null
+               --set "train.log_every=$(( EVERY / 4 > 1 ? EVERY / 4 : 1 ))"
+               --set "train.checkpoint.every_steps=$EVERY" --set "train.val_every=$EVERY"
+               --set train.monitor.enabled=true --set "train.monitor.every_steps=$EVERY")
+  if [[ $PRESET == proxy-108m ]]; then
+    STEADY_SETS+=(--set train.micro_batch=8 --set train.global_batch_tokens=32768 --set train.compile=true)
+  fi
+  run_stage fullcorpus_steady train "$OUT/steady" ok -- \
+    stage train --config "$FC_CFG" --out "$OUT/steady" --input "data=$OUT/data" --input "init=$OUT/nca" \
+      "${SETS[@]}" "${STEADY_SETS[@]}"
+fi
 summary

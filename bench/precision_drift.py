@@ -1,16 +1,23 @@
-"""How far the original's whole-model bf16 (train.precision bf16_pure) drifts from this project's default.
+"""How far two numeric recipes drift apart over a few hundred steps, against the run-to-run spread.
 
     python -m bench.precision_drift --preset proxy-108m --steps 300 [--device cuda] [--batch 8 --seq 1024]
-        [--data <data artifact>] [--out drift.jsonl]
+        [--variants auto,bf16_pure] [--seeds 0] [--data <data artifact>] [--out drift.jsonl]
 
-Two runs from the same initial weights on the same batches: `bf16_pure` (bf16 weights and optimizer
-states, no autocast) and `auto` (fp32 weights and states, bf16 autocast on CUDA). Batches come from a
-data artifact (--data) or from a synthetic order-1 Markov chain over the model's vocabulary (4
-successors per token, so the loss can fall to log 4). Every --every steps it records, per run:
+Variants: `auto` (the project's default: fp32 weights and states, bf16 autocast on CUDA), `bf16_pure`
+(the original's whole-model bf16 cast, optimizer states included) and `fp8` (auto plus train.fp8: torchao
+float8 matmuls in the hidden linear layers; CUDA and torchao only). Every variant runs once per seed, from
+that seed's initial weights on that seed's batches: a data artifact (--data, shuffled by the seed) or a
+synthetic order-1 Markov chain over the model's vocabulary (4 successors per token, so the loss can fall
+to log 4). Every --every steps it records, per run:
   loss                      the training loss of that step
   gain_moved_frac           fraction of RMSNorm gain elements no longer exactly 1.0
   gain_mean_abs_dev         mean |g − 1| over every RMSNorm gain element
-and the summary gives final losses, |Δloss| averaged over the last 10 % of steps, and both gain numbers.
+The summary gives, for the first seed, each variant's final loss and gain numbers and
+mean_abs_loss_gap_last_10pct = mean over the last 10 % of records of |loss_first − loss_second| for the
+first two variants. With two or more seeds it also gives, per variant, tail_loss = the mean loss over the
+last 10 % of records (averaged over seeds), the run-to-run spread of the first variant
+  spread = max over seeds of tail_loss − min over seeds of tail_loss,
+and for each other variant `<v>_parity`: |tail_loss(v) − tail_loss(first)| ≤ spread.
 """
 
 from __future__ import annotations
@@ -51,19 +58,23 @@ def markov_batches(vocab: int, batch: int, seq: int, steps: int, seed: int):
         yield x
 
 
-def artifact_batches(data: Path, cfg, steps: int):
+def artifact_batches(data: Path, cfg, steps: int, seed: int):
     from kotodama_core.data.loader import TokenLoader
 
-    loader = TokenLoader(data, "train", batch_size=cfg.train.micro_batch, seed=cfg.train.seed)
+    loader = TokenLoader(data, "train", batch_size=cfg.train.micro_batch, seed=seed)
     for _ in range(steps):
         yield loader.next_batch().long()
 
 
-def run_one(cfg, precision: str, batches: list[torch.Tensor], device: torch.device, init_state: dict,
-            every: int) -> list[dict]:
+def run_one(cfg, variant: str, batches: list[torch.Tensor], device: torch.device, init_state: dict,
+            every: int, seed: int) -> list[dict]:
     model = KotodamaLM(cfg.model).to(device)
     model.load_state_dict(init_state)
+    precision = "bf16_pure" if variant == "bf16_pure" else "auto"
     model = apply_precision(model, precision)
+    if variant == "fp8":
+        from kotodama_core.train.fp8 import convert_linears_to_fp8
+        convert_linears_to_fp8(model)
     opt = build_optimizer(model, cfg.optim)
     autocast = precision == "auto" and device.type == "cuda"
     rows = []
@@ -77,8 +88,40 @@ def run_one(cfg, precision: str, batches: list[torch.Tensor], device: torch.devi
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % every == 0 or step == len(batches) - 1:
-            rows.append({"precision": precision, "step": step, "loss": float(loss.detach()), **gain_stats(model)})
+            rows.append({"precision": variant, "seed": seed, "step": step, "loss": float(loss.detach()),
+                         **gain_stats(model)})
     return rows
+
+
+def tail_mean(rows: list[dict]) -> float:
+    """Mean loss over the last 10 % of a run's records (at least one)."""
+    tail = max(1, math.ceil(0.1 * len(rows)))
+    return sum(r["loss"] for r in rows[-tail:]) / tail
+
+
+def summarize(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
+    """The module docstring's summary numbers from every run's records."""
+    runs = {(v, s): [r for r in rows if r["precision"] == v and r["seed"] == s] for v in variants for s in seeds}
+    first = seeds[0]
+    out = {f"{v}_{k}": runs[v, first][-1][k] for v in variants for k in ("loss", "gain_moved_frac", "gain_mean_abs_dev")}
+    if len(variants) > 1:
+        a, b = runs[variants[0], first], runs[variants[1], first]
+        tail = max(1, math.ceil(0.1 * len(a)))
+        gaps = [abs(x["loss"] - y["loss"]) for x, y in zip(a[-tail:], b[-tail:])]
+        out["mean_abs_loss_gap_last_10pct"] = sum(gaps) / len(gaps)
+    if len(seeds) > 1:
+        tails = {v: [tail_mean(runs[v, s]) for s in seeds] for v in variants}
+        base = variants[0]
+        spread = max(tails[base]) - min(tails[base])
+        out["spread"] = spread
+        for v in variants:
+            out[f"{v}_tail_loss"] = sum(tails[v]) / len(seeds)
+        for v in variants[1:]:
+            out[f"{v}_parity"] = abs(out[f"{v}_tail_loss"] - out[f"{base}_tail_loss"]) <= spread
+    return out
+
+
+VARIANTS = ("auto", "bf16_pure", "fp8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,32 +131,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list; two or more give the run-to-run spread")
+    p.add_argument("--variants", default="auto,bf16_pure", help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--data", default=None, help="a data artifact (default: a synthetic Markov chain)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="write every record as JSON lines here")
     args = p.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
     cfg = load_config(CONFIGS_ROOT / "presets" / f"{args.preset}.yaml",
                       [f"train.micro_batch={args.batch}", f"train.seq_len={args.seq}",
                        f"schedule.warmup_steps={max(1, args.steps // 20)}", *args.set])
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    init_state = {k: v.clone() for k, v in KotodamaLM(cfg.model).state_dict().items()}
-    source = (artifact_batches(Path(args.data), cfg, args.steps) if args.data
-              else markov_batches(cfg.model.vocab_size, args.batch, args.seq, args.steps, args.seed))
-    batches = list(source)
-    rows = [r for precision in ("auto", "bf16_pure")
-            for r in run_one(cfg, precision, batches, device, init_state, args.every)]
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        init_state = {k: v.clone() for k, v in KotodamaLM(cfg.model).state_dict().items()}
+        source = (artifact_batches(Path(args.data), cfg, args.steps, seed) if args.data
+                  else markov_batches(cfg.model.vocab_size, args.batch, args.seq, args.steps, seed))
+        batches = list(source)
+        for variant in variants:
+            rows += run_one(cfg, variant, batches, device, init_state, args.every, seed)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    by = {pr: [r for r in rows if r["precision"] == pr] for pr in ("auto", "bf16_pure")}
-    tail = max(1, math.ceil(0.1 * len(by["auto"])))
-    dloss = [abs(a["loss"] - b["loss"]) for a, b in zip(by["auto"][-tail:], by["bf16_pure"][-tail:])]
     summary = {"preset": args.preset, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-               "device": str(device), "data": args.data or "markov",
-               **{f"{pr}_{k}": by[pr][-1][k] for pr in by for k in ("loss", "gain_moved_frac", "gain_mean_abs_dev")},
-               "mean_abs_loss_gap_last_10pct": sum(dloss) / len(dloss)}
+               "device": str(device), "data": args.data or "markov", "seeds": seeds,
+               **summarize(rows, variants, seeds)}
     print(json.dumps(summary))
     return 0
 

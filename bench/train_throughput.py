@@ -13,7 +13,9 @@ length. Prints one JSON line per measurement and a summary with the ratios.
 
 Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
 two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.attn_res_kernels), regions (train.compile_scope
-layers: the repeated regions compiled instead of the whole model), fp8 (train.fp8: torchao float8
+layers: the repeated regions compiled instead of the whole model), recipe (--accum micro-batches per
+optimizer step, as the presets' global batches train on one device), graphs (train.compile_mode
+reduce-overhead: forward and backward replayed from CUDA graphs), fp8 (train.fp8: torchao float8
 matmuls in the hidden layers; carry the torchao wheel), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out, and the device's busy time against its span), profile_no_attnres (the same with AttnRes off).
@@ -38,6 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rehearsal_headline import steady_tokens_per_s  # noqa: E402
 from kotodama_core.artifacts import write_manifest  # noqa: E402
 from kotodama_core.config import load_config, parse_overrides  # noqa: E402
 from kotodama_core.data.manifest_fields import describe_splits  # noqa: E402
@@ -70,13 +73,15 @@ def attn_res_overrides(attn_res: bool) -> dict:
 
 
 def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool = True,
-                 variant: str = "", config: dict | None = None, **runtime: bool) -> dict:
-    """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows."""
+                 variant: str = "", config: dict | None = None, accum: int = 1, **runtime: bool) -> dict:
+    """The engine's step; `windows` timed windows of args.window steps after args.warmup_windows. With
+    `accum` > 1 an optimizer step takes `accum` micro-batches (gradient accumulation, as a preset whose
+    global batch exceeds one device's micro-batch trains); tokens/s counts every micro-batch."""
     # Step 0 (the compile) logs alone, so one step more makes every later window whole: windows end at
     # steps window, 2·window, ... and the last one at the final step.
     steps = (args.warmup_windows + windows) * args.window + 1
     overrides = {"train.seq_len": args.seq, "train.micro_batch": batch,
-                 "train.global_batch_tokens": batch * args.seq, "train.steps": steps,
+                 "train.global_batch_tokens": batch * args.seq * accum, "train.steps": steps,
                  "train.log_every": args.window,
                  "train.compile": compile_, "train.precision": "bf16" if args.device == "cuda" else "fp32", "train.monitor.enabled": False,
                  "train.checkpoint.every_steps": 10**9, "train.val_batches": 1, "schedule.warmup_steps": 2,
@@ -87,7 +92,7 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
     cuda = args.device == "cuda"
     info = DistInfo(0, 1, 0, torch.device(args.device))
     with tempfile.TemporaryDirectory() as tmp:
-        data = random_data(Path(tmp) / "data", rows=batch * (steps + 2), window=args.seq + 1,
+        data = random_data(Path(tmp) / "data", rows=batch * accum * (steps + 2), window=args.seq + 1,
                            vocab=cfg.model.vocab_size)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -106,12 +111,13 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
     # records up to the warm-up's end are skipped.
     timed = [r["step_ms"] for r in records if "step_ms" in r and r["step"] > args.warmup_windows * args.window]
     step_ms = statistics.median(timed)
-    tok_s = batch * args.seq / (step_ms / 1e3)
+    tok_s = cfg.train.global_batch_tokens / (step_ms / 1e3)
     mfu = tok_s * model_flops_per_token(cfg.model, args.seq) / H100_PEAK
     name = "project" + ("" if attn_res else "_no_attnres") + variant
     first = next((r for r in records if r.get("step") == 0 and "step_ms" in r), None)
     stalls = [r["checkpoint_stall_s"] for r in records if "checkpoint_stall_s" in r]
-    return {"name": name + ("" if compile_ else "_eager"), "B": batch, "windows_ms": [round(t, 1) for t in timed],
+    return {"name": name + ("" if compile_ else "_eager"), "B": batch, "accum": accum,
+            "windows_ms": [round(t, 1) for t in timed],
             "T": args.seq, "step_ms": round(step_ms, 1), "tok_s": round(tok_s), "mfu": round(mfu, 3),
             "mem_gb": round(peak, 1), "loss": last_loss(records),
             # step 0 holds the compile (its record times the loop's start to its end)
@@ -126,15 +132,6 @@ def last_loss(records: list[dict]) -> float | None:
 HEADLINE_KEYS = ("device", "date", "ref_compile_tokens_per_s", "project_tokens_per_s", "ratio_vs_ref_compile",
                  "attnres_cost_fraction", "optimizer_step_ms", "compile_s", "checkpoint_stall_s",
                  "stage_vs_bench_ratio")
-
-
-def steady_stage_tokens_per_s(metrics_path: Path, skip_steps: int) -> float | None:
-    """Median tokens_per_s of a training stage's metrics.jsonl records after its first `skip_steps` steps
-    (the compile and warm-up); the stalls are logged in records of their own, so the median is the
-    steady rate between them."""
-    rates = [r["tokens_per_s"] for r in (json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip())
-             if "tokens_per_s" in r and r.get("step", 0) >= skip_steps]
-    return statistics.median(rates) if rates else None
 
 
 def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: float | None = None) -> dict:
@@ -360,6 +357,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--window", type=int, default=4, help="steps per timed window (one sync each)")
+    ap.add_argument("--accum", type=int, default=8,
+                    help="micro-batches per optimizer step for `recipe` (the card's 2M-token batch is 64 of 8 × 4096 "
+                         "on one device)")
     ap.add_argument("--windows", type=int, default=3, help="timed windows per measurement")
     ap.add_argument("--warmup-windows", type=int, default=1)
     ap.add_argument("--profile-out", default="profile.txt")
@@ -389,7 +389,7 @@ def main() -> None:
     triton_version = getattr(sys.modules.get("triton"), "__version__", None)
     device_label = f"{name} (torch {torch.__version__}" + (f", Triton {triton_version})" if triton_version else ")")
     today = time.strftime("%Y-%m-%d", time.gmtime())
-    stage_tok_s = (steady_stage_tokens_per_s(Path(args.stage_metrics), args.stage_skip_steps)
+    stage_tok_s = (steady_tokens_per_s(Path(args.stage_metrics), args.stage_skip_steps)
                    if args.stage_metrics else None)
     results: dict[str, dict] = {}
     t0 = time.time()
@@ -399,6 +399,10 @@ def main() -> None:
                                               "_per_read", two_phase=False)),
             ("regions", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                              "_regions", {"train.compile_scope": "layers"})),
+            ("recipe", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                            f"_accum{args.accum}", accum=args.accum)),
+            ("graphs", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                            "_cuda_graphs", {"train.compile_mode": "reduce-overhead"})),
             ("kernels", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                              "_kernels", {"train.attn_res_kernels": True})),
             ("fp8", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,

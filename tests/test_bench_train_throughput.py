@@ -48,7 +48,7 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
     out = tmp_path / "results.jsonl"
     monkeypatch.setattr(sys, "argv", [
         "train_throughput.py", "--anchor", "unused.py", "--device", "cpu", "--no-compile", "--preset", "tiny",
-        "--batch", "2", "--seq", "64", "--window", "1", "--windows", "2", "--only", "project,no_attnres,optimizer",
+        "--batch", "2", "--seq", "64", "--window", "1", "--windows", "2", "--only", "project,no_attnres,optimizer,recipe", "--accum", "2",
         "--jsonl-out", str(out), "--json-out", str(tmp_path / "results.json")])
     train_throughput.main()
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
@@ -64,7 +64,11 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
         1 - by_name["project_eager"]["tok_s"] / by_name["project_no_attnres_eager"]["tok_s"], abs=1e-3)
     # --jsonl-out holds the same three measurements, appended as each finished.
     assert [json.loads(x)["name"] for x in out.read_text().splitlines()] == [
-        "project_eager", "project_no_attnres_eager", "hybrid_optimizer_step"]
+        "project_eager", "project_no_attnres_eager", "hybrid_optimizer_step", "project_accum2_eager"]
+    # recipe: two micro-batches per optimizer step, and tokens/s counts both
+    recipe = by_name["project_accum2_eager"]
+    assert recipe["accum"] == 2 and "error" not in recipe
+    assert recipe["tok_s"] == pytest.approx(2 * 2 * 64 / (recipe["step_ms"] / 1e3), rel=0.01)
     opt = by_name["hybrid_optimizer_step"]
     assert all(opt[f"muon_{v}_ms"] > 0 for v in ("quintic", "gram_ns", "gram"))
     # --json-out: the headline, every key present, null where this run measured nothing
@@ -88,7 +92,7 @@ def test_headline_ratios_and_stage_rate(tmp_path):
             {"step": 20, "checkpoint_stall_s": 3.0}, {"step": 20, "tokens_per_s": 296},
             {"step": 30, "tokens_per_s": 280}]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rate = train_throughput.steady_stage_tokens_per_s(metrics, skip_steps=10)
+    rate = train_throughput.steady_tokens_per_s(metrics, skip_steps=10)
     assert rate == 290
     head = train_throughput.headline(results, "dev", "2026-12-04", rate)
     assert head["ratio_vs_ref_compile"] == 0.75 and head["attnres_cost_fraction"] == 0.062

@@ -111,6 +111,28 @@ def test_precision_drift_bench_tiny(tmp_path, markov_data, capsys):
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 8
     assert drift_main(["--preset", "tiny", "--steps", "2", "--batch", "2", "--data", str(markov_data),
                        "--set", "model.vocab_size=256", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    # two seeds: the spread of the first variant decides the other's parity
+    assert drift_main(["--preset", "tiny", "--steps", "4", "--batch", "2", "--seq", "16", "--every", "1",
+                       "--seeds", "0,1", "--set", "model.vocab_size=256", "--device", "cpu"]) == 0
+    two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert two["seeds"] == [0, 1] and two["spread"] >= 0
+    assert two["bf16_pure_parity"] == (abs(two["bf16_pure_tail_loss"] - two["auto_tail_loss"]) <= two["spread"])
+
+
+def test_precision_drift_summary_parity_rule():
+    from bench.precision_drift import summarize
+
+    def run(v, s, losses):
+        return [{"precision": v, "seed": s, "step": i, "loss": x, "gain_moved_frac": 1.0, "gain_mean_abs_dev": 0.0}
+                for i, x in enumerate(losses)]
+
+    rows = run("auto", 0, [5, 3.0]) + run("auto", 1, [5, 3.2]) + run("fp8", 0, [5, 3.1]) + run("fp8", 1, [5, 3.15])
+    out = summarize(rows, ["auto", "fp8"], [0, 1])
+    assert out["spread"] == pytest.approx(0.2) and out["fp8_tail_loss"] == pytest.approx(3.125)
+    assert out["fp8_parity"] is True
+    far = rows[:4] + run("fp8", 0, [5, 3.6]) + run("fp8", 1, [5, 3.5])
+    assert summarize(far, ["auto", "fp8"], [0, 1])["fp8_parity"] is False
 
 
 def test_converted_folder_is_a_training_stage_init_input(tmp_path, markov_data, original_ckpt):

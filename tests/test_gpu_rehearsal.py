@@ -28,10 +28,10 @@ def _run(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "corpus-mix").is_dir(),
                     reason="needs the shared data beside the repository (../shared/data)")
 def test_tiny_rehearsal_runs_every_stage_and_resumes_the_killed_run(tmp_path):
-    proc = _run("--preset", "tiny", "--out", str(tmp_path / "r"))
+    proc = _run("--preset", "tiny", "--out", str(tmp_path / "r"), "--steady", "24")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "r" / "rehearsal.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == STEPS
+    assert [r["stage"] for r in rows] == STEPS + ["fullcorpus_steady"]
     by = {r["stage"]: r for r in rows}
     assert all(r["exit"] == 0 for r in rows if r["stage"] != "fullcorpus_killed")
     assert by["fullcorpus_killed"]["exit"] != 0  # SIGKILLed right after its step-20 checkpoint
@@ -43,6 +43,10 @@ def test_tiny_rehearsal_runs_every_stage_and_resumes_the_killed_run(tmp_path):
     assert by["boundaries"]["headline"]["boundaries"][0] == 0
     assert any(k.endswith("/acc") for k in by["eval"]["headline"])
     assert all(r["seconds"] > 0 for r in rows)
+    # --steady: one more run whose checkpoint, validation and monitor stalls are reported apart
+    steady = by["fullcorpus_steady"]["headline"]
+    assert steady["steps"] == 24 and steady["tokens_per_s_steady"] > 0
+    assert all(steady[f"{kind}_stall_s_max"] > 0 for kind in ("checkpoint", "validation", "monitor"))
     # every stage's line and the closing table are printed
     for step in STEPS:
         assert f"[rehearsal] {step} " in proc.stdout
@@ -58,6 +62,8 @@ def test_bad_arguments_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = _run("--preset", "tiny", "--shared", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), timeout=60)
     assert proc.returncode == 2 and "data/corpus-mix is missing" in proc.stderr
+    proc = _run("--preset", "tiny", "--steady", "many", timeout=60)
+    assert proc.returncode == 2 and "--steady takes a number of steps, got many" in proc.stderr
     proc = _run("--bogus", timeout=60)
     assert proc.returncode == 2 and "unknown argument --bogus" in proc.stderr
 
