@@ -75,7 +75,8 @@ mkdir -p "$OUT/paths/root"
 ln -sfn "$SHARED" "$OUT/paths/shared"
 SETS=(--set "data.files_root=$OUT/paths/root"
       --set "eval.data_dir=$SHARED/data/eval"
-      --set "eval.tokenizer=$SHARED/data/smollm2-tokenizer/tokenizer.json")
+      --set "eval.tokenizer=$SHARED/data/smollm2-tokenizer/tokenizer.json"
+      --set "eval.val_bpb.tokenizer=$SHARED/data/smollm2-tokenizer/tokenizer.json")
 if [[ -n "${EXTRA[*]:-}" ]]; then SETS+=("${EXTRA[@]}"); fi
 TRAIN_SETS=()
 if [[ $COMPILE == 1 ]]; then TRAIN_SETS=(--set train.compile=true); fi

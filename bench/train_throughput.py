@@ -14,8 +14,7 @@ length. Prints one JSON line per measurement and a summary with the ratios.
 Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
 two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.attn_res_kernels), regions (train.compile_scope
 layers: the repeated regions compiled instead of the whole model), recipe (--accum micro-batches per
-optimizer step, as the presets' global batches train on one device), graphs (train.compile_mode
-reduce-overhead: forward and backward replayed from CUDA graphs), fp8 (train.fp8: torchao float8
+optimizer step, as the presets' global batches train on one device), fp8 (train.fp8: torchao float8
 matmuls in the hidden layers; carry the torchao wheel), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out, and the device's busy time against its span), profile_no_attnres (the same with AttnRes off).
@@ -401,8 +400,6 @@ def main() -> None:
                                              "_regions", {"train.compile_scope": "layers"})),
             ("recipe", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                             f"_accum{args.accum}", accum=args.accum)),
-            ("graphs", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
-                                            "_cuda_graphs", {"train.compile_mode": "reduce-overhead"})),
             ("kernels", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                              "_kernels", {"train.attn_res_kernels": True})),
             ("fp8", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,

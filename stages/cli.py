@@ -43,6 +43,7 @@ COMMANDS: tuple[Command, ...] = (
             "kotodama_core.eval.harness:main"),
     Command("checkpoint", "inspect or convert checkpoints of the original Kotodama code and of this project",
             "kotodama_core.checkpoint_formats.cli:main"),
+    Command("runs", "the flow runs tracked in MLflow as a table of their headline metrics", "flows.runs_table:main"),
 )
 
 

@@ -20,6 +20,7 @@ from stages.registry import identity
 def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
     from kotodama_core.eval.harness import run_tasks
     from kotodama_core.eval.lm_eval_adapter import KotodamaEvalLM
+    from kotodama_core.eval.tokenizer import load_eval_tokenizer
     from kotodama_core.eval.val_bpb import val_bpb_for
 
     if "checkpoint" not in inputs:
@@ -31,12 +32,15 @@ def run(cfg: RunConfig, inputs: dict[str, Path], out: Path) -> Path:
                         dtype=ec.dtype, temperature=ec.temperature, max_gen_tokens=ec.max_gen_tokens, seed=ec.seed)
     if lm.model.cfg != cfg.model:
         raise ArtifactError("the checkpoint's model config differs from this run config's `model` section")
+    bpb_tokenizer = None
+    if "data" in manifests and ec.val_bpb.enabled and ec.val_bpb.tokenizer:  # refused before the tasks run
+        bpb_tokenizer = load_eval_tokenizer(ec.val_bpb.tokenizer, key="eval.val_bpb.tokenizer")
     work = begin(out)
     report = run_tasks(lm, ec.tasks, resolve_repo_path(ec.data_dir), ec.limit, seed=ec.seed)
     metrics = {f"{r['benchmark']}/{r['metric']}": r["value"] for r in report["rows"]}
     if "data" in manifests and ec.val_bpb.enabled:
         vb = val_bpb_for(lm.model, manifests["data"].root, ec.val_bpb, stride=ec.stride, context=lm.max_length,
-                         device=lm._device)
+                         device=lm._device, tokenizer=bpb_tokenizer)
         report["val_bpb"] = vb
         metrics.update(vb)
     (work / "results.json").write_text(json.dumps(report, indent=2, default=str))

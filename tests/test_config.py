@@ -76,9 +76,3 @@ def test_grad_accum_must_divide():
     with pytest.raises(ValueError, match="not a multiple"):
         cfg.train.grad_accum_steps(3)
 
-
-def test_compile_mode_needs_compile():
-    with pytest.raises(ConfigError, match="train.compile_mode 'reduce-overhead' applies only with train.compile"):
-        load_config(ROOT / "configs/presets/tiny.yaml", {"train.compile_mode": "reduce-overhead"})
-    cfg = load_config(ROOT / "configs/presets/tiny.yaml", {"train.compile_mode": "reduce-overhead", "train.compile": True})
-    assert cfg.train.compile_mode == "reduce-overhead"

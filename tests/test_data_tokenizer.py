@@ -36,8 +36,14 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer not found"):
         load_tokenizer(tmp_path / "nope" / "tokenizer.json")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(TokenizerError, match="holds no tokenizer.json"):
+    with pytest.raises(TokenizerError, match="^data.tokenizer: tokenizer folder .* holds no tokenizer.json"):
         load_tokenizer(tmp_path / "empty")
+    # eval's tokenizers name their own keys
+    from kotodama_core.eval.tokenizer import load_eval_tokenizer
+    with pytest.raises(TokenizerError, match="^eval.val_bpb.tokenizer: tokenizer not found: .*nope"):
+        load_eval_tokenizer(str(tmp_path / "nope" / "tokenizer.json"), key="eval.val_bpb.tokenizer")
+    with pytest.raises(TokenizerError, match="^eval.tokenizer: tokenizer not found"):
+        load_eval_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
 
 
 def test_a_hub_id_goes_to_the_hub_client_and_offline_names_the_key_and_the_setting(tmp_path, monkeypatch):

@@ -29,20 +29,21 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith(("/", ".", "~")) or text.endswith(".json") or not _HUB_ID.match(text)
 
 
-def tokenizer_file(path_or_id: str, root: Path | None = None) -> Path | None:
-    """The local tokenizer.json meant by `path_or_id`, None for a hub id; missing local path = error."""
+def tokenizer_file(path_or_id: str, root: Path | None = None, key: str = "data.tokenizer") -> Path | None:
+    """The local tokenizer.json meant by `path_or_id`, None for a hub id; a missing local path is an error
+    naming the config `key` that gave it."""
     p = Path(path_or_id).expanduser()
     if not p.is_absolute() and root is not None:
         p = root / p
     if p.is_dir():
         p = p / "tokenizer.json"
         if not p.is_file():
-            raise TokenizerError(f"tokenizer folder {p.parent} holds no tokenizer.json")
+            raise TokenizerError(f"{key}: tokenizer folder {p.parent} holds no tokenizer.json")
         return p
     if p.is_file():
         return p
     if os.sep in path_or_id and _looks_like_path(path_or_id):
-        raise TokenizerError(f"tokenizer not found: {p} (a tokenizer.json file or a folder holding one)")
+        raise TokenizerError(f"{key}: tokenizer not found: {p} (a tokenizer.json file or a folder holding one)")
     return None
 
 
@@ -50,7 +51,7 @@ def load_tokenizer(path_or_id: str | Path, root: Path | None = None, key: str = 
     """A `tokenizers.Tokenizer` from a local tokenizer.json (or its folder) or a hub id; errors name `key`."""
     from tokenizers import Tokenizer
 
-    local = tokenizer_file(str(path_or_id), root)
+    local = tokenizer_file(str(path_or_id), root, key)
     if local is not None:
         try:
             return Tokenizer.from_file(str(local))

@@ -84,12 +84,16 @@ def val_bpb(model, data_dir: Path, *, byte_lengths: np.ndarray | None, max_windo
             "val_tokens": float(total_tokens), "val_windows": float(seen)}
 
 
-def val_bpb_for(model, data_dir: Path, settings, *, stride: int, context: int, device: torch.device) -> dict[str, float]:
-    """`val_bpb` driven by a ValBpbConfig: exact per-token byte lengths from its tokenizer when it names one."""
+def val_bpb_for(model, data_dir: Path, settings, *, stride: int, context: int, device: torch.device,
+                tokenizer=None) -> dict[str, float]:
+    """`val_bpb` driven by a ValBpbConfig: exact per-token byte lengths from its tokenizer when it names one
+    (`tokenizer`: that tokenizer, already loaded)."""
     lengths = None
     if settings.tokenizer:
-        from kotodama_core.eval.tokenizer import load_eval_tokenizer
-        lengths = token_byte_lengths(load_eval_tokenizer(settings.tokenizer))
+        if tokenizer is None:
+            from kotodama_core.eval.tokenizer import load_eval_tokenizer
+            tokenizer = load_eval_tokenizer(settings.tokenizer, key="eval.val_bpb.tokenizer")
+        lengths = token_byte_lengths(tokenizer)
     context = settings.context or context
     return val_bpb(model, data_dir, byte_lengths=lengths, max_windows=settings.max_windows, context=context,
                    stride=min(stride, context), device=device)

@@ -86,10 +86,6 @@ class TrainConfig(StrictModel):
     # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
     # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).
     compile_scope: Literal["model", "layers"] = "model"
-    # torch.compile's mode. reduce-overhead: the compiled forward and backward replay from CUDA graphs
-    # (cudagraph trees; the AttnRes kernels read a device-side pointer table, so they capture), which
-    # removes host launch gaps at the cost of static memory pools; CUDA only.
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # FP8 matmuls (torchao float8 training) for the hidden linear layers, CUDA only (train/fp8.py).
     fp8: bool = False
     # The AttnRes reads with the Triton kernels of kotodama_core/model/attnres_triton.py (phase 1 per
@@ -121,8 +117,6 @@ class TrainConfig(StrictModel):
                                           "log_every"))
         if self.max_epochs is not None and self.max_epochs <= 0:
             raise ValueError(f"train.max_epochs must be positive or null, got {self.max_epochs}")
-        if self.compile_mode != "default" and not self.compile:
-            raise ValueError(f"train.compile_mode {self.compile_mode!r} applies only with train.compile: true")
         return self
 
     def grad_accum_steps(self, world_size: int) -> int:

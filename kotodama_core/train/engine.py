@@ -413,12 +413,11 @@ def build_forwards(model: KotodamaLM, cfg: RunConfig, info: DistInfo) -> Forward
         qat_start = qat_start_step(tcfg.steps, tcfg.qat.start_fraction)
     plain = wrapped
     if tcfg.compile:
-        mode = {"mode": tcfg.compile_mode} if tcfg.compile_mode != "default" else {}
-        qat = torch.compile(qat, **mode) if qat is not None else None
+        qat = torch.compile(qat) if qat is not None else None
         if tcfg.compile_scope == "layers":
-            model.compile_regions(**mode)
+            model.compile_regions()
         else:
-            plain = torch.compile(wrapped, **mode)
+            plain = torch.compile(wrapped)
     return Forwards(wrapped, plain, qat, qat_start)
 
 
@@ -438,13 +437,10 @@ def train_step(step: int, run: RunState, fwds: Forwards, cfg: RunConfig, info: D
     optimizer.set_lr_multiplier(mult)
     call, qat_on = fwds.at(step)
     sums = torch.zeros(2, device=info.device)  # loss, ce summed over micro-steps
-    graphed = cfg.train.compile and cfg.train.compile_mode == "reduce-overhead"
     for micro in range(accum):
         batch = run.loader.next_batch().to(info.device, non_blocking=True)
         sync = info.distributed and micro < accum - 1
         with (fwds.wrapped.no_sync() if sync and hasattr(fwds.wrapped, "no_sync") else nullcontext()):
-            if graphed:  # each micro-batch is a new replay: its outputs may reuse the last one's memory
-                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg, info.device):
                 loss, parts = call(batch[:, :-1], batch[:, 1:])
             (loss / accum).backward()
