@@ -385,7 +385,11 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(json.dumps({"torch": torch.__version__, "device": name}), flush=True)
-    triton_version = getattr(sys.modules.get("triton"), "__version__", None)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     device_label = f"{name} (torch {torch.__version__}" + (f", Triton {triton_version})" if triton_version else ")")
     today = time.strftime("%Y-%m-%d", time.gmtime())
     stage_tok_s = (steady_tokens_per_s(Path(args.stage_metrics), args.stage_skip_steps)
