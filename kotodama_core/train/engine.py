@@ -249,15 +249,19 @@ def evaluate_loss(model: KotodamaLM, data_dir: Path, cfg: RunConfig, device: tor
 class Stalls:
     """Seconds the training loop spent away from training, per kind (checkpoint, validation, monitor).
 
-    summary(): `<kind>_stall_s_total` = Σ stalls and `<kind>_stall_s_max` = max stall, for each kind seen."""
+    summary(): `<kind>_stall_s_total` = Σ stalls and `<kind>_stall_s_max` = max stall, for each kind seen.
+    `on_stall(seconds)` hears of each one (the step-time clock leaves it out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_stall: Callable[[float], None] | None = None) -> None:
         self.seconds: dict[str, list[float]] = {}
         self.last: dict[str, float] = {}
+        self.on_stall = on_stall
 
     def add(self, kind: str, seconds: float) -> None:
         self.seconds.setdefault(kind, []).append(seconds)
         self.last[kind] = seconds
+        if self.on_stall is not None:
+            self.on_stall(seconds)
 
     @contextmanager
     def timing(self, kind: str, device: torch.device):
@@ -491,6 +495,10 @@ class RunLog:
             _truncate_jsonl(self.metrics_path, start_step)  # a killed run may have logged past its checkpoint
             _truncate_jsonl(self.geo_path, start_step)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a stall, reported on its own) out of the next logged step time."""
+        self._t_last += seconds
+
     def write(self, path: Path, step: int, values: dict[str, Any]) -> None:
         _append_jsonl(path, {"step": step, **values})
         if self.on_metrics:
@@ -597,7 +605,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
                                    ) if info.is_main else None
     log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
     fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
-    stalls, losses, tokens_seen = Stalls(), LossReader(), run.tokens_seen
+    stalls, losses, tokens_seen = Stalls(on_stall=log.exclude), LossReader(), run.tokens_seen
     run.model.train()
     for step in range(run.start_step, total_steps):
         # The step.
