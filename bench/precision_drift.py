@@ -1,7 +1,7 @@
 """How far two numeric recipes drift apart over a few hundred steps, against the run-to-run spread.
 
     python -m bench.precision_drift --preset proxy-108m --steps 300 [--device cuda] [--batch 8 --seq 1024]
-        [--variants auto,bf16_pure] [--seeds 0] [--data <data artifact>] [--out drift.jsonl]
+        [--variants auto,bf16_pure] [--seeds 0] [--compile] [--kernels] [--data <data artifact>] [--out drift.jsonl]
 
 Variants: `auto` (the project's default: fp32 weights and states, bf16 autocast on CUDA), `bf16_pure`
 (the original's whole-model bf16 cast, optimizer states included) and `fp8` (auto plus train.fp8: torchao
@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from kotodama_core.config import CONFIGS_ROOT, load_config
+from kotodama_core.model.attnres import AttnResRuntime
 from kotodama_core.model.model import KotodamaLM
 from kotodama_core.optim.hybrid import build_optimizer
 from kotodama_core.optim.schedule import wsd_lr_multiplier
@@ -67,14 +68,16 @@ def artifact_batches(data: Path, cfg, steps: int, seed: int):
 
 
 def run_one(cfg, variant: str, batches: list[torch.Tensor], device: torch.device, init_state: dict,
-            every: int, seed: int) -> list[dict]:
-    model = KotodamaLM(cfg.model).to(device)
+            every: int, seed: int, compile_: bool = False, kernels: bool = False) -> list[dict]:
+    model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=kernels)).to(device)
     model.load_state_dict(init_state)
     precision = "bf16_pure" if variant == "bf16_pure" else "auto"
     model = apply_precision(model, precision)
     if variant == "fp8":
         from kotodama_core.train.fp8 import convert_linears_to_fp8
         convert_linears_to_fp8(model)
+    if compile_:  # the repeated regions only: seconds to compile, the same steady speed (RESULTS)
+        model.compile_regions()
     opt = build_optimizer(model, cfg.optim)
     autocast = precision == "auto" and device.type == "cuda"
     rows = []
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", default=None, help="write every record as JSON lines here")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's repeated regions")
+    p.add_argument("--kernels", action="store_true",
+                   help="the AttnRes reads in the Triton kernels on CUDA, as training runs them (default: PyTorch)")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                   else markov_batches(cfg.model.vocab_size, args.batch, args.seq, args.steps, seed))
         batches = list(source)
         for variant in variants:
-            rows += run_one(cfg, variant, batches, device, init_state, args.every, seed)
+            rows += run_one(cfg, variant, batches, device, init_state, args.every, seed, args.compile, args.kernels)
     if args.out:
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = {"preset": args.preset, "steps": args.steps, "batch": args.batch, "seq": args.seq,
