@@ -45,6 +45,22 @@ def build_plan(pipeline: str, preset: str, overrides: dict[str, Any] | None = No
     return plan("bcpt", preset, overrides, init=source if has_manifest(source) else file)
 
 
+def same_section(old: Any, current: dict[str, Any]) -> bool:
+    """Whether a finished training artifact's config section is `current`, once the keys the schema gained
+    since it was made are filled with their defaults (a new key at its default changes no training)."""
+    if old == current:
+        return True
+    if not isinstance(old, dict):
+        return False
+    from kotodama_core.config import validate
+    from stages.registry import config_section
+
+    try:
+        return config_section("train", validate(old, origin="a training artifact's manifest")) == current
+    except ConfigError:  # a key the schema no longer knows, or a value it refuses: not this config
+        return False
+
+
 def default_bcpt_source(preset: str) -> Path:
     """The `preset` fullcorpus training artifact: the one the current code would produce, else the newest
     one trained with the same config (the code changed since), else an error saying what to run."""
@@ -54,7 +70,7 @@ def default_bcpt_source(preset: str) -> Path:
     same_config = []
     for manifest in fc_train.out.parent.glob("*/manifest.json"):
         data = json.loads(manifest.read_text())
-        if data.get("stage") == "train" and data.get("config") == fc_train.config_section:
+        if data.get("stage") == "train" and same_section(data.get("config"), fc_train.config_section):
             same_config.append((manifest.stat().st_mtime, manifest.parent))
     if same_config:
         return max(same_config)[1]

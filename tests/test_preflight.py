@@ -46,3 +46,30 @@ def test_a_source_that_is_not_a_training_artifact_is_refused(tmp_path):
     file = tmp_path / "weights.pt.zst"
     file.write_bytes(b"x")
     assert checkpoint_file(file, 30) == file
+
+
+def test_bcpt_source_made_before_the_schema_gained_a_key(tmp_path, monkeypatch):
+    """A fullcorpus training artifact whose manifest lacks a key added to the schema since (at its
+    default) is still the preset's bcpt source; one trained with another value is not."""
+    import copy
+
+    from flows.pipelines import build_plan, default_bcpt_source, same_section
+
+    monkeypatch.setenv("KOTODAMA_HOME", str(tmp_path / "home"))
+    fc_train = next(s for s in build_plan("fullcorpus", "tiny") if s.key == "train")
+    older = copy.deepcopy(fc_train.config_section)
+    older["train"].pop("async_checkpoint")  # a key this code has and that artifact's code had not
+    assert same_section(older, fc_train.config_section)
+    other = copy.deepcopy(fc_train.config_section)
+    other["train"]["steps"] += 1
+    assert not same_section(other, fc_train.config_section)
+    assert not same_section({"train": {"no_such_key": 1}}, fc_train.config_section)
+    with pytest.raises(ArtifactError, match="run the fullcorpus deployment first"):
+        default_bcpt_source("tiny")
+    folder = fc_train.out.parent / "made-by-older-code"
+    folder.mkdir(parents=True)
+    write_manifest(folder, stage="train", config=other, inputs={})
+    with pytest.raises(ArtifactError, match="run the fullcorpus deployment first"):
+        default_bcpt_source("tiny")
+    write_manifest(folder, stage="train", config=older, inputs={})
+    assert default_bcpt_source("tiny") == folder
