@@ -220,6 +220,10 @@ def test_killed_worker_resumes_training_from_last_checkpoint(stack):
         except ProcessLookupError:
             pass
     assert not plan["nca_train"].manifest.exists()
+    gone = time.monotonic() + 30  # SIGKILL is delivered asynchronously: a big process takes a moment to exit
+    while "prefect-worker" in running(stack):
+        assert time.monotonic() < gone, "the killed worker did not exit"
+        time.sleep(0.1)
     start_worker(stack)
     fr, states = run("nca", overrides=over)
     assert fr.state.is_completed(), fr.state.message
