@@ -96,9 +96,14 @@ def run_one(cfg, variant: str, batches: list[torch.Tensor], device: torch.device
     return rows
 
 
+def tail_length(records: int) -> int:
+    """How many records the last 10 % of a run is (at least one)."""
+    return max(1, math.ceil(0.1 * records))
+
+
 def tail_mean(rows: list[dict]) -> float:
-    """Mean loss over the last 10 % of a run's records (at least one)."""
-    tail = max(1, math.ceil(0.1 * len(rows)))
+    """Mean loss over the last 10 % of a run's records."""
+    tail = tail_length(len(rows))
     return sum(r["loss"] for r in rows[-tail:]) / tail
 
 
@@ -109,7 +114,7 @@ def summarize(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
     out = {f"{v}_{k}": runs[v, first][-1][k] for v in variants for k in ("loss", "gain_moved_frac", "gain_mean_abs_dev")}
     if len(variants) > 1:
         a, b = runs[variants[0], first], runs[variants[1], first]
-        tail = max(1, math.ceil(0.1 * len(a)))
+        tail = tail_length(len(a))
         gaps = [abs(x["loss"] - y["loss"]) for x, y in zip(a[-tail:], b[-tail:])]
         out["mean_abs_loss_gap_last_10pct"] = sum(gaps) / len(gaps)
     if len(seeds) > 1:

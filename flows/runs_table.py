@@ -14,7 +14,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from kotodama_core.errors import UserError
 
@@ -52,8 +51,10 @@ def format_table(rows: list[RunRow], columns: list[str]) -> str:
     header = ["run", "status", "started", *columns]
     body = [[r.name, r.status.lower(), r.started, *(_cell(r.metrics.get(c)) for c in columns)] for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
-    fmt = lambda line: "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)  # noqa: E731
-                                 for i, (cell, w) in enumerate(zip(line, widths)))
+
+    def fmt(line: list[str]) -> str:  # text columns to the left, numbers to the right
+        return "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+
     return "\n".join([fmt(header), *(fmt(line) for line in body)])
 
 

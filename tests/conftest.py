@@ -87,3 +87,14 @@ def corpus_mix_data(tmp_path_factory, shared_data) -> Path:
     out = tmp_path_factory.mktemp("corpus") / "data"
     run_data(cfg, {}, out)
     return out
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """A real MLflow tracking store (sqlite) in MLFLOW_TRACKING_URI, with the `kotodama` experiment:
+    (client, experiment id)."""
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.tracking.MlflowClient(uri)
+    return client, client.create_experiment("kotodama")

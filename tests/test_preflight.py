@@ -7,15 +7,7 @@ import pytest
 from kotodama_core.artifacts import ArtifactError, write_manifest
 from kotodama_core.config import ConfigError
 
-mlflow = pytest.importorskip("mlflow")
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = mlflow.tracking.MlflowClient(uri)
-    return client, client.create_experiment("kotodama")
+pytest.importorskip("mlflow")
 
 
 def test_the_train_artifact_of_a_parent_run_or_of_the_stage_run(tracking, tmp_path):

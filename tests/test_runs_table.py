@@ -9,15 +9,13 @@ import pytest
 from flows import runs_table
 from kotodama_core.errors import UserError
 
-mlflow = pytest.importorskip("mlflow")
+pytest.importorskip("mlflow")
 
 
 @pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    client = mlflow.tracking.MlflowClient(uri)
-    exp = client.create_experiment("kotodama")
+def parents(tracking):
+    """Three flow runs' parent runs and one stage run, in the `tracking` store."""
+    client, exp = tracking
 
     def parent(name: str, pipeline: str, **metrics: float) -> str:
         run = client.create_run(exp, run_name=name, tags={runs_table.PIPELINE_TAG: pipeline})
@@ -34,7 +32,7 @@ def tracking(tmp_path, monkeypatch):
     return client
 
 
-def test_table_lists_parent_runs_with_headline_columns(tracking, capsys):
+def test_table_lists_parent_runs_with_headline_columns(parents, capsys):
     assert runs_table.main(["--sort", "val/bpb"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:6] == ["run", "status", "started", "train/loss", "val/bpb", "eval/PIQA/acc"]
@@ -43,7 +41,7 @@ def test_table_lists_parent_runs_with_headline_columns(tracking, capsys):
     assert "1,280" in lines[2] and lines[1].split()[-1] == "-"  # a metric a run lacks shows as '-'
 
 
-def test_pipeline_filter_metric_columns_and_json(tracking, capsys):
+def test_pipeline_filter_metric_columns_and_json(parents, capsys):
     assert runs_table.main(["--pipeline", "bcpt", "--metric", "val/bpb"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["run", "status", "started", "val/bpb"] and len(out) == 2 and "3.2" in out[1]
@@ -52,7 +50,7 @@ def test_pipeline_filter_metric_columns_and_json(tracking, capsys):
     assert len(rows) == 2 and all(r["status"] == "FINISHED" and "train/loss" in r["metrics"] for r in rows)
 
 
-def test_errors_name_what_to_do(tracking, monkeypatch):
+def test_errors_name_what_to_do(parents, monkeypatch):
     with pytest.raises(UserError, match="no MLflow experiment 'other'"):
         runs_table.main(["--experiment", "other"])
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
