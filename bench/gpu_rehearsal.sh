@@ -13,7 +13,9 @@
 # --set KEY=VALUE (an extra override for every stage, repeatable), --steady N (after the chain, one more
 # fullcorpus training stage of N steps on the same data with checkpoints, validation and the monitor on;
 # on proxy-108m at the benchmark's shape, micro-batch 8 x 4096, compiled: its steady tokens/s beside
-# bench/train_throughput.py's `project` figure, and its checkpoint/validation/monitor stalls, each apart).
+# bench/train_throughput.py's `project` figure, and its checkpoint/validation/monitor stalls, each apart),
+# --steady-only N (the data stage and that steady stage alone, from scratch weights: the stage-speed check
+# without the chain).
 # Prints one `[rehearsal] <stage> <seconds> s (exit N) | headline ...` line per stage, then a table;
 # OUT/rehearsal.jsonl keeps the same lines as JSON. Exits non-zero when a stage fails, when the killed
 # run was not killed, or when the resumed run did not resume from the kill step.
@@ -26,6 +28,7 @@ SHARED="$REPO/../shared"
 KILL_AT=""
 COMPILE=0
 STEADY=0
+STEADY_ONLY=0
 PY=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -37,9 +40,11 @@ while [[ $# -gt 0 ]]; do
     --compile) COMPILE=1; shift ;;
     --steady) STEADY="$2"; shift 2
       [[ $STEADY =~ ^[0-9]+$ ]] || { echo "gpu_rehearsal.sh: --steady takes a number of steps, got $STEADY" >&2; exit 2; } ;;
+    --steady-only) STEADY="$2"; STEADY_ONLY=1; shift 2
+      [[ $STEADY =~ ^[1-9][0-9]*$ ]] || { echo "gpu_rehearsal.sh: --steady-only takes a number of steps, got $STEADY" >&2; exit 2; } ;;
     --python) PY="$2"; shift 2 ;;
     --set) EXTRA+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_rehearsal.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -110,20 +115,26 @@ summary() {
 }
 stage() { "$PY" -m "stages.$1" "${@:2}"; }
 
-run_stage nca_search nca_search "$OUT/rules" ok -- \
-  stage nca_search --config "$NCA_CFG" --out "$OUT/rules" "${SETS[@]}"
-run_stage nca_data nca_data "$OUT/nca-data" ok -- \
-  stage nca_data --config "$NCA_CFG" --out "$OUT/nca-data" --input "rules=$OUT/rules" "${SETS[@]}"
-run_stage nca_train train "$OUT/nca" ok -- \
-  stage train --config "$NCA_CFG" --out "$OUT/nca" --input "data=$OUT/nca-data" "${SETS[@]}" "${TRAIN_SETS[@]}"
-run_stage boundaries boundaries "$OUT/bounds" ok -- \
-  stage boundaries --config "$NCA_CFG" --out "$OUT/bounds" --input "checkpoint=$OUT/nca" --input "data=$OUT/nca-data" "${SETS[@]}"
-run_stage data data "$OUT/data" ok -- \
-  stage data --config "$FC_CFG" --out "$OUT/data" "${SETS[@]}"
-FC_ARGS=(--config "$FC_CFG" --out "$OUT/fc" --input "data=$OUT/data" --input "init=$OUT/nca" "${SETS[@]}" "${TRAIN_SETS[@]}")
-KOTODAMA_FAULT_KILL_AT_STEP="$KILL_AT" run_stage fullcorpus_killed train "$OUT/fc" killed -- stage train "${FC_ARGS[@]}"
-run_stage fullcorpus_resumed train "$OUT/fc" ok -- stage train "${FC_ARGS[@]}"
-"$PY" - "$OUT/fc/manifest.json" "$KILL_AT" <<'EOF'
+STEADY_INIT=(--input "init=$OUT/nca")
+if [[ $STEADY_ONLY == 1 ]]; then
+  run_stage data data "$OUT/data" ok -- \
+    stage data --config "$FC_CFG" --out "$OUT/data" "${SETS[@]}"
+  STEADY_INIT=(--set train.init.mode=scratch)
+else
+  run_stage nca_search nca_search "$OUT/rules" ok -- \
+    stage nca_search --config "$NCA_CFG" --out "$OUT/rules" "${SETS[@]}"
+  run_stage nca_data nca_data "$OUT/nca-data" ok -- \
+    stage nca_data --config "$NCA_CFG" --out "$OUT/nca-data" --input "rules=$OUT/rules" "${SETS[@]}"
+  run_stage nca_train train "$OUT/nca" ok -- \
+    stage train --config "$NCA_CFG" --out "$OUT/nca" --input "data=$OUT/nca-data" "${SETS[@]}" "${TRAIN_SETS[@]}"
+  run_stage boundaries boundaries "$OUT/bounds" ok -- \
+    stage boundaries --config "$NCA_CFG" --out "$OUT/bounds" --input "checkpoint=$OUT/nca" --input "data=$OUT/nca-data" "${SETS[@]}"
+  run_stage data data "$OUT/data" ok -- \
+    stage data --config "$FC_CFG" --out "$OUT/data" "${SETS[@]}"
+  FC_ARGS=(--config "$FC_CFG" --out "$OUT/fc" --input "data=$OUT/data" --input "init=$OUT/nca" "${SETS[@]}" "${TRAIN_SETS[@]}")
+  KOTODAMA_FAULT_KILL_AT_STEP="$KILL_AT" run_stage fullcorpus_killed train "$OUT/fc" killed -- stage train "${FC_ARGS[@]}"
+  run_stage fullcorpus_resumed train "$OUT/fc" ok -- stage train "${FC_ARGS[@]}"
+  "$PY" - "$OUT/fc/manifest.json" "$KILL_AT" <<'EOF'
 import json, sys
 manifest, kill_at = json.load(open(sys.argv[1])), int(sys.argv[2])
 if manifest.get("resumed_from") != kill_at or manifest.get("status") != "completed_after_resume":
@@ -131,10 +142,11 @@ if manifest.get("resumed_from") != kill_at or manifest.get("status") != "complet
              f"status={manifest.get('status')}, expected resumed_from={kill_at}, completed_after_resume")
 print(f"[rehearsal] fullcorpus resumed from step {kill_at}: status {manifest['status']}")
 EOF
-run_stage eval eval "$OUT/eval" ok -- \
-  stage eval --config "$FC_CFG" --out "$OUT/eval" --input "checkpoint=$OUT/fc" --input "data=$OUT/data" "${SETS[@]}"
-run_stage report report "$OUT/report" ok -- \
-  stage report --config "$FC_CFG" --out "$OUT/report" --input "train=$OUT/fc" --input "eval=$OUT/eval" "${SETS[@]}"
+  run_stage eval eval "$OUT/eval" ok -- \
+    stage eval --config "$FC_CFG" --out "$OUT/eval" --input "checkpoint=$OUT/fc" --input "data=$OUT/data" "${SETS[@]}"
+  run_stage report report "$OUT/report" ok -- \
+    stage report --config "$FC_CFG" --out "$OUT/report" --input "train=$OUT/fc" --input "eval=$OUT/eval" "${SETS[@]}"
+fi
 if [[ $STEADY -gt 0 ]]; then
   # Steady-state figures: the small data repeats (max_epochs off), and every kind of stall happens at
   # least twice in the run.
@@ -147,7 +159,7 @@ if [[ $STEADY -gt 0 ]]; then
     STEADY_SETS+=(--set train.micro_batch=8 --set train.global_batch_tokens=32768 --set train.compile=true)
   fi
   run_stage fullcorpus_steady train "$OUT/steady" ok -- \
-    stage train --config "$FC_CFG" --out "$OUT/steady" --input "data=$OUT/data" --input "init=$OUT/nca" \
+    stage train --config "$FC_CFG" --out "$OUT/steady" --input "data=$OUT/data" "${STEADY_INIT[@]}" \
       "${SETS[@]}" "${STEADY_SETS[@]}"
 fi
 summary

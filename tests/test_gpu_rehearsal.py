@@ -54,9 +54,24 @@ def test_tiny_rehearsal_runs_every_stage_and_resumes_the_killed_run(tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1].startswith("total")
 
 
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "corpus-mix").is_dir(),
+                    reason="needs the shared data beside the repository (../shared/data)")
+def test_steady_only_runs_the_data_stage_and_the_steady_stage_from_scratch(tmp_path):
+    proc = _run("--preset", "tiny", "--out", str(tmp_path / "r"), "--steady-only", "12")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "r" / "rehearsal.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["data", "fullcorpus_steady"]
+    steady = rows[1]["headline"]
+    assert steady["steps"] == 12 and steady["tokens_per_s_steady"] > 0
+    manifest = json.loads((tmp_path / "r" / "steady" / "manifest.json").read_text())
+    assert manifest["init"] == "scratch"
+
+
 def test_bad_arguments_are_named(tmp_path):
     proc = _run("--preset", "huge", "--out", str(tmp_path / "x"), timeout=60)
     assert proc.returncode == 2 and "--preset must be tiny or proxy-108m" in proc.stderr
+    proc = _run("--preset", "tiny", "--steady-only", "0", "--out", str(tmp_path / "x"), timeout=60)
+    assert proc.returncode == 2 and "--steady-only takes a number of steps, got 0" in proc.stderr
     proc = _run("--preset", "tiny", "--shared", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), timeout=60)
     assert proc.returncode == 2 and "shared data folder not found" in proc.stderr
     (tmp_path / "empty").mkdir()

@@ -4,12 +4,11 @@ A checkpoint is a dict: model (state dict, published key layout), optimizer (bot
 step, tokens_seen, loader (data position), rng (per rank), config (resolved RunConfig) and its digest,
 and the run identity (kotodama_core/train/guard.py).
 
-Writing (`CheckpointWriter`): the training loop waits only while the state is copied to CPU memory
-(pinned, reused across saves, when it lives on a GPU); a background thread then serializes it with
-torch.save, compresses it with zstd (content checksum on), writes a temporary file, fsyncs it, reads it
-back (decompress + checksum + torch.load), and only then renames it into place and prunes old ones. A
+Writing (`save_checkpoint`): torch.save, zstd (content checksum on), a temporary file, fsync, read back
+(decompress + checksum + torch.load), and only then the rename into place and the pruning of old ones. A
 process killed at any moment leaves the previous checkpoints untouched and at most a temp file, which
-`list_checkpoints` ignores.
+`list_checkpoints` ignores. The training loop hands this to a background writer
+(kotodama_core.train.checkpoint_writer) and waits only for a copy of the state in CPU memory.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import random
 import re
 import signal
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,9 @@ _NAME = re.compile(r"^step_(\d{7,})\.pt\.zst$")
 # Fault injection for tests and drills: the writer SIGKILLs the process half-way through writing this
 # step's temporary file (a crash during a background write).
 FAULT_KILL_IN_WRITE_ENV = "KOTODAMA_FAULT_KILL_IN_WRITE_AT_STEP"
+# Set in a checkpoint writer process: the pid of the training process it writes for (a fault drill's
+# crash takes that process down too).
+WRITER_PARENT_ENV = "KOTODAMA_CHECKPOINT_WRITER_FOR"
 ZSTD_LEVEL = 3
 
 
@@ -118,9 +119,17 @@ def publish_verified(data: bytes, path: Path, *, kill_half_way: bool = False) ->
             f.write(data[: len(data) // 2])
             f.flush()
             os.fsync(f.fileno())
-        os.kill(os.getpid(), signal.SIGKILL)
+        _crash()
     # load_pt_zst raises CheckpointError, naming the file, when it is unreadable
     return write_atomic(data, path, check=lambda tmp: load_pt_zst(tmp, weights_only=True))
+
+
+def _crash() -> None:
+    """SIGKILL this process, and the training process it writes for when it is a writer process."""
+    parent = int(os.environ.get(WRITER_PARENT_ENV, "0") or 0)
+    if parent:
+        os.kill(parent, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_verified(state: Any, path: Path) -> Path:
@@ -146,93 +155,6 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-class HostSnapshot:
-    """Copies of a nested state (dicts, lists, tensors) in CPU memory, pinned when the source is on a GPU.
-
-    The buffers are kept and reused by the next `take` whose tensors have the same place, shape and dtype,
-    so a run pins its checkpoint memory once (pinning is the slow part of a first copy)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def take(self, state: Any) -> Any:
-        on_gpu = False
-
-        def copy(obj: Any, key: tuple) -> Any:
-            nonlocal on_gpu
-            if isinstance(obj, torch.Tensor):
-                if obj.device.type == "cpu":
-                    return obj.detach().clone()
-                on_gpu = True
-                buf = self._buffers.get(key)
-                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                    try:
-                        buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-                    except RuntimeError:  # pinned memory exhausted: pageable memory, a slower copy
-                        buf = torch.empty(obj.shape, dtype=obj.dtype)
-                    self._buffers[key] = buf
-                buf.copy_(obj.detach(), non_blocking=True)
-                return buf
-            if isinstance(obj, dict):
-                return {k: copy(v, key + (k,)) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(copy(v, key + (i,)) for i, v in enumerate(obj))
-            return obj
-
-        out = copy(state, ())
-        if on_gpu:
-            torch.cuda.synchronize()  # the copies must be complete before the writer reads them
-        return out
-
-
-class CheckpointWriter:
-    """Saves training checkpoints; with `background` the loop waits only for the CPU snapshot.
-
-    `save(step, state)` returns the seconds the caller was blocked: waiting for the previous write (one
-    write is in flight at a time, so host memory holds one snapshot), plus the snapshot copy, plus, without
-    `background`, the whole write. `wait()` finishes the write in flight and raises its error, if any."""
-
-    def __init__(self, folder: Path, *, keep_last: int, milestones: list[int] | tuple[int, ...] = (),
-                 background: bool = True) -> None:
-        self.folder = Path(folder)
-        self.keep_last = keep_last
-        self.milestones = tuple(milestones)
-        self.background = background
-        self._snapshot = HostSnapshot()
-        remove_stale_temps(self.folder)
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.written: list[Path] = []
-
-    def _write(self, step: int, state: dict[str, Any]) -> None:
-        try:
-            self.written.append(save_checkpoint(self.folder, step, state, keep_last=self.keep_last,
-                                                milestones=self.milestones))
-        except BaseException as exc:  # handed to the training thread by wait()
-            self._error = exc
-
-    def save(self, step: int, state: dict[str, Any]) -> float:
-        t0 = time.perf_counter()
-        self.wait()
-        snapshot = self._snapshot.take(state)
-        if self.background:
-            self._thread = threading.Thread(target=self._write, args=(step, snapshot),
-                                            name=f"checkpoint-{step}", daemon=True)
-            self._thread.start()
-        else:
-            self._write(step, snapshot)
-            self.wait()
-        return time.perf_counter() - t0
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 def prune_checkpoints(folder: Path, *, keep_last: int, milestones: list[int] | tuple[int, ...] = ()) -> None:

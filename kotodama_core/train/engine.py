@@ -32,6 +32,7 @@ from kotodama_core.model.attnres import AttnResRuntime
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
 from kotodama_core.optim.averaging import WeightAverager
 from kotodama_core.train import checkpoint as ckpt
+from kotodama_core.train.checkpoint_writer import CheckpointWriter, close_quietly
 from kotodama_core.train import guard
 from kotodama_core.train.budget import TokenBudget, check_budget, token_budget
 from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier, gather_objects,
@@ -549,7 +550,7 @@ def checkpoint_state(cfg: RunConfig, run: RunState, done: int, tokens_seen: int,
 
 
 def save_step(cfg: RunConfig, run: RunState, done: int, tokens_seen: int, identity: dict[str, Any],
-              writer: ckpt.CheckpointWriter | None, info: DistInfo) -> float:
+              writer: CheckpointWriter | None, info: DistInfo) -> float:
     """Gather every rank's data position and RNG, hand the state to rank 0's writer; seconds blocked."""
     t0 = time.perf_counter()
     loader_states = gather_objects(run.loader.state_dict(), info)
@@ -595,50 +596,56 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     accum = tcfg.grad_accum_steps(info.world_size)
     identity = identity if identity is not None else default_identity(cfg, data_dir)
     budget = _set_up(cfg, data_dir, work, info, identity, on_metrics)
+    milestones = set(tcfg.checkpoint.milestones)
+    # Made first, so its worker process starts while the model is built.
+    writer = CheckpointWriter(work / "checkpoints", keep_last=tcfg.checkpoint.keep_last,
+                              milestones=sorted(milestones), background=tcfg.async_checkpoint
+                              ) if info.is_main else None
     # Resume (or initialise).
     run = prepare_run(cfg, data_dir, work, info, init_path, identity)
     fwds = build_forwards(run.model, cfg, info)
     monitor = GeometryMonitor.build(cfg, data_dir, info)
-    milestones = set(tcfg.checkpoint.milestones)
-    writer = ckpt.CheckpointWriter(work / "checkpoints", keep_last=tcfg.checkpoint.keep_last,
-                                   milestones=sorted(milestones), background=tcfg.async_checkpoint
-                                   ) if info.is_main else None
     log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
     fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
     stalls, losses, tokens_seen = Stalls(on_stall=log.exclude), LossReader(), run.tokens_seen
-    run.model.train()
-    for step in range(run.start_step, total_steps):
-        # The step.
-        out = train_step(step, run, fwds, cfg, info, accum)
-        tokens_seen += tcfg.global_batch_tokens
-        done = step + 1
-        log_now = step % tcfg.log_every == 0 or done == total_steps
-        save_now = done % tcfg.checkpoint.every_steps == 0 or done in milestones or done == total_steps
-        val_now = bool(tcfg.val_every) and done % tcfg.val_every == 0
-        losses.after(step, out.reduced, now=log_now or save_now or val_now)
-        # Logging, geometry and validation.
-        if info.is_main and log_now:
-            log.step(step, out, losses, tokens_seen, run.averager, has_qat=fwds.qat is not None)
-        if monitor is not None and (step % tcfg.monitor.every_steps == 0 or done == total_steps):
-            with stalls.timing("monitor", info.device):
-                geo = monitor.measure(run.model)
-            log.write(log.geo_path, step, geo)
-        if val_now and info.is_main:
-            with stalls.timing("validation", info.device):
-                val = evaluate_loss(run.model, data_dir, cfg, info.device, tcfg.val_batches)
-            log.validation(step, val)
-        # Checkpointing.
-        if save_now:
-            stalls.add("checkpoint", save_step(cfg, run, done, tokens_seen, identity, writer, info))
-            if info.is_main:
-                log.write(log.metrics_path, step, {"checkpoint_stall_s": stalls.last["checkpoint"]})
-            if fault_step and done == fault_step and info.is_main:
-                writer.wait()  # "right after this step's checkpoint": once it is published
-                os.kill(os.getpid(), signal.SIGKILL)
+    try:
+        run.model.train()
+        for step in range(run.start_step, total_steps):
+            # The step.
+            out = train_step(step, run, fwds, cfg, info, accum)
+            tokens_seen += tcfg.global_batch_tokens
+            done = step + 1
+            log_now = step % tcfg.log_every == 0 or done == total_steps
+            save_now = done % tcfg.checkpoint.every_steps == 0 or done in milestones or done == total_steps
+            val_now = bool(tcfg.val_every) and done % tcfg.val_every == 0
+            losses.after(step, out.reduced, now=log_now or save_now or val_now)
+            # Logging, geometry and validation.
+            if info.is_main and log_now:
+                log.step(step, out, losses, tokens_seen, run.averager, has_qat=fwds.qat is not None)
+            if monitor is not None and (step % tcfg.monitor.every_steps == 0 or done == total_steps):
+                with stalls.timing("monitor", info.device):
+                    geo = monitor.measure(run.model)
+                log.write(log.geo_path, step, geo)
+            if val_now and info.is_main:
+                with stalls.timing("validation", info.device):
+                    val = evaluate_loss(run.model, data_dir, cfg, info.device, tcfg.val_batches)
+                log.validation(step, val)
+            # Checkpointing.
+            if save_now:
+                stalls.add("checkpoint", save_step(cfg, run, done, tokens_seen, identity, writer, info))
+                if info.is_main:
+                    log.write(log.metrics_path, step, {"checkpoint_stall_s": stalls.last["checkpoint"]})
+                if fault_step and done == fault_step and info.is_main:
+                    writer.wait()  # "right after this step's checkpoint": once it is published
+                    os.kill(os.getpid(), signal.SIGKILL)
+    except BaseException:
+        if writer is not None:  # keep the write in flight: it is a complete, earlier checkpoint
+            close_quietly(writer)
+        raise
     # Finish.
     log.close()
     if writer is not None:
-        writer.wait()
+        writer.close()
     val_loss, val_avg, avg_file = _finish(cfg, data_dir, work, run, info)
     final_loss = losses.loss
     if info.is_main:  # a run resumed at its last step logs no loss of its own
