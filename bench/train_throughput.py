@@ -196,6 +196,8 @@ def optimizer_step_ms(args) -> dict:
     muon = opt.optimizers.get("muon")
     out["muon_matrices"] = sum(len(g["params"]) for g in muon.param_groups) if muon else 0
     if muon:
+        out.update(optimizer_floor(muon, opt))
+    if muon:
         configured = [g["ns_variant"] for g in muon.param_groups]
         for variant in VARIANTS:
             for g in muon.param_groups:
@@ -209,9 +211,59 @@ def optimizer_step_ms(args) -> dict:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             opt.step()
             torch.cuda.synchronize()
-        out["kernels_per_step"] = len(device_kernels(prof))
+        kernels = device_kernels(prof)
+        out["kernels_per_step"] = len(kernels)
+        out["kernel_ms_by_family"] = kernel_ms_by_family(kernels)
+        by_name: dict[str, float] = {}
+        for kernel, start, end in kernels:
+            by_name[kernel[:70]] = by_name.get(kernel[:70], 0.0) + (end - start) / 1e3
+        out["top_kernels_ms"] = {k: round(v, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:10]}
         out["graphed_ms"] = round(graphed_step_ms(opt), 2)
     return out
+
+
+def newton_schulz_flops(rows: int, cols: int, steps: int) -> int:
+    """FLOPs of the classic Newton–Schulz iteration on one rows×cols matrix (r = min, c = max side): per
+    step A = X·Xᵀ (r²c multiply-adds), A·A (r³), (bA + cA²)·X (r²c); 2 FLOPs per multiply-add."""
+    r, c = min(rows, cols), max(rows, cols)
+    return 2 * steps * (2 * r * r * c + r ** 3)
+
+
+def optimizer_floor(muon, opt) -> dict:
+    """What the hybrid step cannot go below on this device: the Newton–Schulz FLOPs at the device's bf16
+    peak, and the bytes its element-wise passes must move at HBM bandwidth. Bytes per Muon element, fp32
+    weights and states: gradient read 4, momentum read and write 8, bf16 Newton–Schulz input write and read
+    4, bf16 output write and read 4, weight read and write 8 = 28; per AdamW element: gradient 4, two
+    moments read and write 16, weight read and write 8 = 28."""
+    from kotodama_core.train.throughput import peak_flops
+
+    flops = sum(newton_schulz_flops(*p.shape, g["ns_steps"]) for g in muon.param_groups for p in g["params"])
+    muon_elems = sum(p.numel() for g in muon.param_groups for p in g["params"])
+    adam = opt.optimizers.get("adamw")
+    adam_elems = sum(p.numel() for g in adam.param_groups for p in g["params"]) if adam else 0
+    moved = 28 * muon_elems + 28 * adam_elems
+    out = {"ns_gflop": round(flops / 1e9, 3), "elementwise_gb": round(moved / 1e9, 3)}
+    device = next(iter(muon.param_groups[0]["params"])).device
+    peak = peak_flops(device)
+    if peak:
+        name = torch.cuda.get_device_name(device)
+        bandwidth = next((v for k, v in HBM_BYTES_PER_S.items() if k in name), None)
+        out["ns_floor_ms_at_peak"] = round(flops / peak * 1e3, 2)
+        if bandwidth:
+            out["elementwise_floor_ms"] = round(moved / bandwidth * 1e3, 2)
+    return out
+
+
+# HBM bandwidth by a part of the device name, bytes/s, from the data sheets.
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def kernel_ms_by_family(kernels: list[tuple[str, float, float]], steps: int = 1) -> dict[str, float]:
+    """Kernel time (ms per step) of a trace of `steps` steps, summed by KERNEL_FAMILIES."""
+    families: dict[str, float] = {}
+    for kernel, start, end in kernels:
+        families[kernel_family(kernel)] = families.get(kernel_family(kernel), 0.0) + (end - start) / steps / 1e3
+    return {k: round(v, 2 if steps > 1 else 3) for k, v in sorted(families.items(), key=lambda kv: -kv[1])}
 
 
 def graphed_step_ms(opt) -> float:
@@ -317,9 +369,6 @@ def profile_step(args, attn_res: bool = True) -> dict:
     per_kernel: dict[str, float] = {}
     for kernel, start, end in kernels:
         per_kernel[kernel] = per_kernel.get(kernel, 0.0) + (end - start) / 3 / 1e3
-    families: dict[str, float] = {}
-    for kernel, ms in per_kernel.items():
-        families[kernel_family(kernel)] = families.get(kernel_family(kernel), 0.0) + ms
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.profile_top]
     busy_us, span_us = device_busy_and_span([(start, end) for _, start, end in kernels])
     return {"name": name, "bare_step_ms": round(bare_ms, 1),
@@ -327,7 +376,7 @@ def profile_step(args, attn_res: bool = True) -> dict:
             "kernels_per_step": round(len(kernels) / 3),
             "device_busy_ms_per_step": round(busy_us / 3 / 1e3, 1),
             "device_span_ms_per_step": round(span_us / 3 / 1e3, 1),
-            "ms_by_family": {k: round(v, 2) for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
+            "ms_by_family": kernel_ms_by_family(kernels, steps=3),
             "top_kernels_ms": {k[:70]: round(ms, 2) for k, ms in top},
             "table": str(table_path)}
 

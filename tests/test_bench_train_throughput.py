@@ -71,6 +71,7 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
     assert recipe["tok_s"] == pytest.approx(2 * 2 * 64 / (recipe["step_ms"] / 1e3), rel=0.01)
     opt = by_name["hybrid_optimizer_step"]
     assert all(opt[f"muon_{v}_ms"] > 0 for v in ("quintic", "gram_ns", "gram"))
+    assert opt["ns_gflop"] > 0 and opt["elementwise_gb"] > 0 and "ns_floor_ms_at_peak" not in opt  # no peak on CPU
     # --json-out: the headline, every key present, null where this run measured nothing
     head = json.loads((tmp_path / "results.json").read_text())
     assert tuple(head) == train_throughput.HEADLINE_KEYS
@@ -107,3 +108,13 @@ def test_unknown_measurement_is_named(monkeypatch):
                                       "--only", "project,warp_speed"])
     with pytest.raises(SystemExit, match="warp_speed"):
         train_throughput.main()
+
+
+def test_newton_schulz_flops_and_kernel_families():
+    # 512×1408 (the proxy's MLP matrices), five steps: 2·5·(2·512²·1408 + 512³) FLOPs, either orientation
+    expected = 2 * 5 * (2 * 512 * 512 * 1408 + 512 ** 3)
+    assert train_throughput.newton_schulz_flops(512, 1408, 5) == train_throughput.newton_schulz_flops(1408, 512, 5) == expected
+    kernels = [("ampere_bf16_s16816gemm", 0.0, 1500.0), ("multi_tensor_apply_kernel", 1500.0, 2000.0),
+               ("ampere_bf16_s16816gemm", 2000.0, 2500.0), ("vectorized_elementwise_kernel", 2500.0, 2600.0)]
+    assert train_throughput.kernel_ms_by_family(kernels) == {"matmul": 2.0, "foreach": 0.5, "other": 0.1}
+    assert train_throughput.kernel_ms_by_family(kernels, steps=2) == {"matmul": 1.0, "foreach": 0.25, "other": 0.05}

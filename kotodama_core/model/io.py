@@ -30,15 +30,26 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, truncated, corrupt, or does not fit the model; the message says which."""
 
 
+def compression_threads() -> int:
+    """zstd worker threads for a checkpoint: compression dominates a background write, and the frame it
+    makes is the same format single- or multi-threaded (any zstd reader decompresses it)."""
+    return max(0, min(4, (os.cpu_count() or 1) // 2))
+
+
+def encode_pt_zst(obj: Any, level: int = 3) -> bytes:
+    """torch.save(obj) compressed with zstd, content checksum on: the bytes of a `.pt.zst` file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=compression_threads())
+    return compressor.compress(buf.getbuffer())
+
+
 def save_pt_zst(obj: Any, path: str | Path, level: int = 3) -> Path:
     """torch.save(obj) compressed with zstd (with a content checksum), written atomically:
     a temporary file in the same folder is fsynced and then renamed over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = zstandard.ZstdCompressor(level=level, write_checksum=True).compress(buf.getbuffer())
-    return write_atomic(data, path)
+    return write_atomic(encode_pt_zst(obj, level), path)
 
 
 def write_atomic(data: bytes, path: Path, check: Callable[[Path], Any] | None = None) -> Path:

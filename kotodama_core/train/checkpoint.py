@@ -13,7 +13,6 @@ process killed at any moment leaves the previous checkpoints untouched and at mo
 
 from __future__ import annotations
 
-import io
 import os
 import random
 import re
@@ -23,13 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import zstandard
-
 import numpy as np
 import torch
 
-from kotodama_core.model.io import (CheckpointError, checkpoint_name, load_pt_zst,  # noqa: F401
-                                    save_pt_zst, write_atomic)
+from kotodama_core.model.io import (CheckpointError, checkpoint_name, encode_pt_zst,  # noqa: F401
+                                    load_pt_zst, save_pt_zst, write_atomic)
 
 _NAME = re.compile(r"^step_(\d{7,})\.pt\.zst$")
 # Fault injection for tests and drills: the writer SIGKILLs the process half-way through writing this
@@ -104,9 +101,7 @@ def has_manifest(source: str | Path) -> bool:
 
 def encode(state: Any) -> bytes:
     """torch.save(state) compressed with zstd, content checksum on (the `.pt.zst` format)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True).compress(buf.getbuffer())
+    return encode_pt_zst(state, ZSTD_LEVEL)
 
 
 def publish_verified(data: bytes, path: Path, *, kill_half_way: bool = False) -> Path:
