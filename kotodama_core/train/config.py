@@ -84,7 +84,8 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp32", "bf16_pure"] = "auto"
     compile: bool = False
     # model: torch.compile the whole forward (one graph, every layer unrolled); layers: compile the
-    # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds).
+    # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds, but the eager
+    # code between them can make the step host-bound on a slow host: bench/RESULTS.md).
     compile_scope: Literal["model", "layers"] = "model"
     # FP8 matmuls (torchao float8 training) for the hidden linear layers, CUDA only (train/fp8.py).
     fp8: bool = False
@@ -103,7 +104,8 @@ class TrainConfig(StrictModel):
     max_epochs: float | None = 1.05
     # Seconds between training progress lines (kotodama_core.progress; the first and last step always print).
     progress_every_s: float = 10.0
-    # Checkpoints are written by a background thread from a CPU copy of the state; false = write in the loop.
+    # Checkpoints are written in the background from a CPU copy of the state, by a writer process (a thread
+    # where Linux memfd is missing; train/checkpoint_writer.py); false = write in the loop.
     async_checkpoint: bool = True
     checkpoint: CheckpointConfig = CheckpointConfig()
     init: InitConfig = InitConfig()
