@@ -292,7 +292,11 @@ class _ProcessWriter:
 
     def close(self) -> None:
         if self._sock is not None:
-            self._sock.close()  # the worker reads EOF and exits
+            try:  # an explicit stop: a forked child holding a copy of the socket would hide the EOF
+                _send(self._sock, None)
+            except OSError:
+                pass
+            self._sock.close()
             self._sock = None
         if self._proc is not None:
             try:
@@ -401,7 +405,8 @@ def close_quietly(writer: CheckpointWriter) -> None:
 # ---- the worker process ----
 
 def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a killed run leaves at most a temp file)."""
+    """Ask Linux to SIGKILL this process when its parent dies (a killed run leaves at most a temp file).
+    Linux means the thread that started it: the writer is made and used by the training loop's thread."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -416,6 +421,8 @@ def _serve(sock: socket.socket, write: Callable[..., Path]) -> None:
         try:
             request, fds = _recv(sock)
         except EOFError:
+            return
+        if request is None:  # the writer's close()
             return
         fd = fds[0]
         block = mmap.mmap(fd, request["nbytes"])
