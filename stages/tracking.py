@@ -63,6 +63,7 @@ METRIC_FAMILIES: dict[str, str] = {
     "tokens_seen": "train/tokens_seen", "steps": "train/steps", "step_ms": "train/step_ms",
     "epochs": "train/epochs", "training_tokens": "train/training_tokens", "wall_s": "train/wall_s",
     "qat": "train/qat", "avg_updates": "train/avg_updates", "checkpoint_stall_s": "train/checkpoint_stall_s",
+    "checkpoint_wait_s": "train/checkpoint_wait_s",
     "val_loss": "val/loss", "val_loss_averaged": "val/loss_averaged", "val_bpb": "val/bpb",
     "val_tokens": "val/tokens", "val_windows": "val/windows",
 }

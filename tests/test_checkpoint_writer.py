@@ -118,3 +118,30 @@ def test_process_writer_pins_its_block_and_writes_gpu_state(tmp_path):
     loaded = load_pt_zst(tmp_path / ckpt.checkpoint_name(1))
     assert all(torch.equal(loaded["model"][k], v) for k, v in expected.items())
     assert loaded["model"]["w"].device.type == "cpu"
+
+
+@pytest.mark.skipif("process" not in KINDS, reason="the process writer needs Linux memfd")
+def test_a_save_that_waits_names_the_write_in_flight(tmp_path, capsys):
+    import threading
+
+    from kotodama_core.train.engine import SlowWrites
+
+    writer = writer_of("process", tmp_path)
+    writer.save(1, state(1))
+    writer.wait()
+    assert writer.waited_for is None and writer.last_wait_s >= 0
+    proc = writer._process._proc
+    os.kill(proc.pid, signal.SIGSTOP)  # the step-2 write cannot finish until the worker resumes
+    writer.save(2, state(2))
+    threading.Timer(0.3, os.kill, (proc.pid, signal.SIGCONT)).start()
+    writer.save(3, state(3))
+    assert writer.waited_for == 2 and writer.last_wait_s >= 0.3
+    slow = SlowWrites(every_steps=1)
+    slow.THRESHOLD_S = 0.2
+    slow.report(writer, 3)
+    slow.report(writer, 3)  # once per run
+    out = capsys.readouterr().out
+    assert out.count("waited") == 1 and "for the step-2 write still in flight" in out
+    assert "train.checkpoint.every_steps=1" in out
+    writer.close()
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]

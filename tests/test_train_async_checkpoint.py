@@ -34,3 +34,4 @@ def test_sigkill_during_background_write_keeps_previous_checkpoint(tmp_path, mar
         assert m[f"{kind}_stall_s_max"] <= m[f"{kind}_stall_s_total"]
     stalls = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in stalls if "checkpoint_stall_s" in r] == [3, 7]
+    assert all(0 <= r["checkpoint_wait_s"] <= r["checkpoint_stall_s"] for r in stalls if "checkpoint_stall_s" in r)

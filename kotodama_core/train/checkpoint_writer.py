@@ -314,8 +314,9 @@ class CheckpointWriter:
     """Saves training checkpoints; with `background` the loop waits only for the CPU copy.
 
     `save(step, state)` returns the seconds the caller was blocked: waiting for the previous write (one
-    write is in flight at a time), plus the copy, plus, without `background`, the whole write. `wait()`
-    finishes the write in flight and raises its error, if any; `close()` also stops the worker.
+    write is in flight at a time; that part alone is `last_wait_s`, the write waited for `waited_for`), plus
+    the copy, plus, without `background`, the whole write. `wait()` finishes the write in flight and
+    raises its error, if any; `close()` also stops the worker.
     `process` (default: where available) writes in a separate process instead of a thread."""
 
     def __init__(self, folder: Path, *, keep_last: int, milestones: list[int] | tuple[int, ...] = (),
@@ -333,6 +334,9 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.written: list[Path] = []
+        self.last_wait_s = 0.0
+        self.waited_for: int | None = None
+        self._in_flight: int | None = None
 
     @property
     def kind(self) -> str:
@@ -350,7 +354,10 @@ class CheckpointWriter:
 
     def save(self, step: int, state: dict[str, Any]) -> float:
         t0 = time.perf_counter()
+        self.waited_for = self._in_flight if self.in_flight() else None
         self.wait()
+        self.last_wait_s = time.perf_counter() - t0
+        self._in_flight = step
         if self._process is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._process.submit(self.folder, step, state, self.keep_last, self.milestones)

@@ -536,6 +536,26 @@ class RunLog:
             self.progress.close()
 
 
+class SlowWrites:
+    """Says once per run, on rank 0, that a save had to wait for the previous background write: the
+    writes take longer than the steps between checkpoints, and each save blocks the loop until then."""
+
+    THRESHOLD_S = 1.0
+
+    def __init__(self, every_steps: int) -> None:
+        self.every_steps = every_steps
+        self.said = False
+
+    def report(self, writer: CheckpointWriter, done: int) -> None:
+        if self.said or writer.waited_for is None or writer.last_wait_s < self.THRESHOLD_S:
+            return
+        self.said = True
+        print(f"[train] the step-{done} checkpoint waited {writer.last_wait_s:.1f} s for the step-"
+              f"{writer.waited_for} write still in flight: a write takes longer than "
+              f"train.checkpoint.every_steps={self.every_steps} steps, so every save blocks until the last "
+              "one is published; raise train.checkpoint.every_steps to train through it", flush=True)
+
+
 def checkpoint_state(cfg: RunConfig, run: RunState, done: int, tokens_seen: int, identity: dict[str, Any],
                      loader_states: list[Any], rngs: list[Any]) -> dict[str, Any]:
     """Everything step `done + 1` depends on (see the module docstring), plus what identifies the run."""
@@ -608,6 +628,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
     fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
     stalls, losses, tokens_seen = Stalls(on_stall=log.exclude), LossReader(), run.tokens_seen
+    slow_writes = SlowWrites(tcfg.checkpoint.every_steps)
     try:
         run.model.train()
         for step in range(run.start_step, total_steps):
@@ -634,7 +655,9 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
             if save_now:
                 stalls.add("checkpoint", save_step(cfg, run, done, tokens_seen, identity, writer, info))
                 if info.is_main:
-                    log.write(log.metrics_path, step, {"checkpoint_stall_s": stalls.last["checkpoint"]})
+                    log.write(log.metrics_path, step, {"checkpoint_stall_s": stalls.last["checkpoint"],
+                                                       "checkpoint_wait_s": writer.last_wait_s})
+                    slow_writes.report(writer, done)
                 if fault_step and done == fault_step and info.is_main:
                     writer.wait()  # "right after this step's checkpoint": once it is published
                     os.kill(os.getpid(), signal.SIGKILL)
