@@ -582,13 +582,19 @@ def save_step(cfg: RunConfig, run: RunState, done: int, tokens_seen: int, identi
 
 
 def _finish(cfg: RunConfig, data_dir: Path, work: Path, run: RunState, info: DistInfo,
-            ) -> tuple[float | None, float | None, str | None]:
-    """Rank 0: final validation, the final weights and the averaged ones (read back before publication).
+            writer: CheckpointWriter | None) -> tuple[float | None, float | None, str | None]:
+    """Rank 0: final validation (while the last checkpoint is still being written in the background),
+    the final weights and the averaged ones (read back before publication).
     Returns (val_loss, val_loss_averaged, averaged_model_file)."""
     if not info.is_main:
         return None, None, None
     model, averager, tcfg = run.model, run.averager, cfg.train
-    val_loss = evaluate_loss(model, data_dir, cfg, info.device, tcfg.val_batches)
+    try:
+        val_loss = evaluate_loss(model, data_dir, cfg, info.device, tcfg.val_batches)
+    except BaseException:
+        close_quietly(writer)
+        raise
+    writer.close()
     ckpt.save_verified(model.state_dict(), work / "model.pt.zst")
     if averager is not None and averager.ready:
         avg_state = averager.averaged_state_dict(model)
@@ -667,9 +673,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
         raise
     # Finish.
     log.close()
-    if writer is not None:
-        writer.close()
-    val_loss, val_avg, avg_file = _finish(cfg, data_dir, work, run, info)
+    val_loss, val_avg, avg_file = _finish(cfg, data_dir, work, run, info, writer)
     final_loss = losses.loss
     if info.is_main:  # a run resumed at its last step logs no loss of its own
         logged = last_finite_loss(log.metrics_path)
