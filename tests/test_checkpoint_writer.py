@@ -145,3 +145,19 @@ def test_a_save_that_waits_names_the_write_in_flight(tmp_path, capsys):
     assert "train.checkpoint.every_steps=1" in out
     writer.close()
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+
+
+@pytest.mark.skipif("process" not in KINDS, reason="the process writer needs Linux memfd")
+def test_a_state_that_grows_gets_a_new_shared_block(tmp_path):
+    # weight averaging adds its tensors to the checkpoint once its first snapshot is taken
+    writer = writer_of("process", tmp_path, keep_last=3)
+    writer.save(1, state(1))
+    first = writer._process._block
+    grown = state(2)
+    grown["averaging"] = {"avg": torch.arange(4096.0)}
+    writer.save(2, grown)
+    assert writer._process._block is not first and writer._process._block.nbytes > first.nbytes
+    writer.save(3, state(3))  # and shrinks back
+    writer.close()
+    assert torch.equal(load_pt_zst(tmp_path / ckpt.checkpoint_name(2))["averaging"]["avg"], torch.arange(4096.0))
+    assert "averaging" not in load_pt_zst(tmp_path / ckpt.checkpoint_name(3))
