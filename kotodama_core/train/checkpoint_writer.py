@@ -236,6 +236,8 @@ class _ProcessWriter:
         self._start()  # its imports run while the caller gets on with its own start
 
     def _start(self) -> None:
+        if self._sock is not None:  # the socket of a worker that died
+            self._sock.close()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, **{WRITER_PARENT_ENV: str(os.getpid())})
