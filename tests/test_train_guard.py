@@ -58,6 +58,23 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, markov_data):
     (work / RUN_FILE).unlink()  # an older work folder without run.json: the checkpoint itself is checked
     with pytest.raises(ResumeRefused, match=r"step_0000004.*train.seed: 5 -> 6"):
         run_train(config(**{"train.seed": 6}), {"data": markov_data}, out)
+    assert not writer_children(), "a refused run leaves no checkpoint writer process behind"
+
+
+def writer_children() -> list[int]:
+    """This process's children that are checkpoint writer processes (Linux /proc)."""
+    from pathlib import Path
+    pids = [int(pid) for task in Path("/proc/self/task").glob("*/children")
+            for pid in task.read_text().split()]
+    found = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"checkpoint_writer" in cmdline and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            found.append(pid)
+    return found
 
 
 def test_finished_out_of_another_config_is_not_returned(tmp_path, markov_data):

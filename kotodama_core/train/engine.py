@@ -589,11 +589,7 @@ def _finish(cfg: RunConfig, data_dir: Path, work: Path, run: RunState, info: Dis
     if not info.is_main:
         return None, None, None
     model, averager, tcfg = run.model, run.averager, cfg.train
-    try:
-        val_loss = evaluate_loss(model, data_dir, cfg, info.device, tcfg.val_batches)
-    except BaseException:
-        close_quietly(writer)
-        raise
+    val_loss = evaluate_loss(model, data_dir, cfg, info.device, tcfg.val_batches)
     writer.close()
     ckpt.save_verified(model.state_dict(), work / "model.pt.zst")
     if averager is not None and averager.ready:
@@ -627,15 +623,15 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
     writer = CheckpointWriter(work / "checkpoints", keep_last=tcfg.checkpoint.keep_last,
                               milestones=sorted(milestones), background=tcfg.async_checkpoint
                               ) if info.is_main else None
-    # Resume (or initialise).
-    run = prepare_run(cfg, data_dir, work, info, init_path, identity)
-    fwds = build_forwards(run.model, cfg, info)
-    monitor = GeometryMonitor.build(cfg, data_dir, info)
-    log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
-    fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
-    stalls, losses, tokens_seen = Stalls(on_stall=log.exclude), LossReader(), run.tokens_seen
-    slow_writes = SlowWrites(tcfg.checkpoint.every_steps)
     try:
+        # Resume (or initialise).
+        run = prepare_run(cfg, data_dir, work, info, init_path, identity)
+        fwds = build_forwards(run.model, cfg, info)
+        monitor = GeometryMonitor.build(cfg, data_dir, info)
+        log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
+        fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
+        stalls, losses, tokens_seen = Stalls(on_stall=log.exclude), LossReader(), run.tokens_seen
+        slow_writes = SlowWrites(tcfg.checkpoint.every_steps)
         run.model.train()
         for step in range(run.start_step, total_steps):
             # The step.
@@ -667,13 +663,13 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
                 if fault_step and done == fault_step and info.is_main:
                     writer.wait()  # "right after this step's checkpoint": once it is published
                     os.kill(os.getpid(), signal.SIGKILL)
+        # Finish.
+        log.close()
+        val_loss, val_avg, avg_file = _finish(cfg, data_dir, work, run, info, writer)
     except BaseException:
         if writer is not None:  # keep the write in flight: it is a complete, earlier checkpoint
             close_quietly(writer)
         raise
-    # Finish.
-    log.close()
-    val_loss, val_avg, avg_file = _finish(cfg, data_dir, work, run, info, writer)
     final_loss = losses.loss
     if info.is_main:  # a run resumed at its last step logs no loss of its own
         logged = last_finite_loss(log.metrics_path)
