@@ -197,7 +197,6 @@ def optimizer_step_ms(args) -> dict:
     out["muon_matrices"] = sum(len(g["params"]) for g in muon.param_groups) if muon else 0
     if muon:
         out.update(optimizer_floor(muon, opt))
-    if muon:
         configured = [g["ns_variant"] for g in muon.param_groups]
         for variant in VARIANTS:
             for g in muon.param_groups:
@@ -214,10 +213,7 @@ def optimizer_step_ms(args) -> dict:
         kernels = device_kernels(prof)
         out["kernels_per_step"] = len(kernels)
         out["kernel_ms_by_family"] = kernel_ms_by_family(kernels)
-        by_name: dict[str, float] = {}
-        for kernel, start, end in kernels:
-            by_name[kernel[:70]] = by_name.get(kernel[:70], 0.0) + (end - start) / 1e3
-        out["top_kernels_ms"] = {k: round(v, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:10]}
+        out["top_kernels_ms"] = top_kernels_ms(kernels, 10)
         out["graphed_ms"] = round(graphed_step_ms(opt), 2)
     return out
 
@@ -256,6 +252,15 @@ def optimizer_floor(muon, opt) -> dict:
 
 # HBM bandwidth by a part of the device name, bytes/s, from the data sheets.
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}
+
+
+def top_kernels_ms(kernels: list[tuple[str, float, float]], top: int, steps: int = 1) -> dict[str, float]:
+    """The `top` kernels of a trace of `steps` steps by time (ms per step), names cut to 70 characters."""
+    by_name: dict[str, float] = {}
+    for kernel, start, end in kernels:
+        by_name[kernel] = by_name.get(kernel, 0.0) + (end - start) / steps / 1e3
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {k[:70]: round(ms, 2 if steps > 1 else 3) for k, ms in ranked}
 
 
 def kernel_ms_by_family(kernels: list[tuple[str, float, float]], steps: int = 1) -> dict[str, float]:
@@ -366,18 +371,14 @@ def profile_step(args, attn_res: bool = True) -> dict:
     table = prof_ops.key_averages().table(sort_by="cuda_time_total", row_limit=80, max_name_column_width=110)
     table_path = Path(args.profile_out) if attn_res else Path(args.profile_out).with_suffix(".no_attnres.txt")
     table_path.write_text(table)
-    per_kernel: dict[str, float] = {}
-    for kernel, start, end in kernels:
-        per_kernel[kernel] = per_kernel.get(kernel, 0.0) + (end - start) / 3 / 1e3
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:args.profile_top]
     busy_us, span_us = device_busy_and_span([(start, end) for _, start, end in kernels])
     return {"name": name, "bare_step_ms": round(bare_ms, 1),
-            "cuda_ms_per_step": round(sum(per_kernel.values()), 1),
+            "cuda_ms_per_step": round(sum(end - start for _, start, end in kernels) / 3 / 1e3, 1),
             "kernels_per_step": round(len(kernels) / 3),
             "device_busy_ms_per_step": round(busy_us / 3 / 1e3, 1),
             "device_span_ms_per_step": round(span_us / 3 / 1e3, 1),
             "ms_by_family": kernel_ms_by_family(kernels, steps=3),
-            "top_kernels_ms": {k[:70]: round(ms, 2) for k, ms in top},
+            "top_kernels_ms": top_kernels_ms(kernels, args.profile_top, steps=3),
             "table": str(table_path)}
 
 

@@ -118,3 +118,4 @@ def test_newton_schulz_flops_and_kernel_families():
                ("ampere_bf16_s16816gemm", 2000.0, 2500.0), ("vectorized_elementwise_kernel", 2500.0, 2600.0)]
     assert train_throughput.kernel_ms_by_family(kernels) == {"matmul": 2.0, "foreach": 0.5, "other": 0.1}
     assert train_throughput.kernel_ms_by_family(kernels, steps=2) == {"matmul": 1.0, "foreach": 0.25, "other": 0.05}
+    assert train_throughput.top_kernels_ms(kernels, 2) == {"ampere_bf16_s16816gemm": 2.0, "multi_tensor_apply_kernel": 0.5}

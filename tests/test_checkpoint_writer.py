@@ -112,7 +112,7 @@ def test_process_writer_pins_its_block_and_writes_gpu_state(tmp_path):
     expected = {k: v.cpu() for k, v in live["model"].items()}
     writer = writer_of("process", tmp_path)
     writer.save(1, live)
-    assert writer._process._block.pinned  # page-locked: the device-to-host copies run asynchronously
+    assert writer._block.pinned  # page-locked: the device-to-host copies run asynchronously
     live["model"]["w"].zero_()
     writer.close()
     loaded = load_pt_zst(tmp_path / ckpt.checkpoint_name(1))
@@ -152,11 +152,11 @@ def test_a_state_that_grows_gets_a_new_shared_block(tmp_path):
     # weight averaging adds its tensors to the checkpoint once its first snapshot is taken
     writer = writer_of("process", tmp_path, keep_last=3)
     writer.save(1, state(1))
-    first = writer._process._block
+    first = writer._block
     grown = state(2)
     grown["averaging"] = {"avg": torch.arange(4096.0)}
     writer.save(2, grown)
-    assert writer._process._block is not first and writer._process._block.nbytes > first.nbytes
+    assert writer._block is not first and writer._block.nbytes > first.nbytes
     writer.save(3, state(3))  # and shrinks back
     writer.close()
     assert torch.equal(load_pt_zst(tmp_path / ckpt.checkpoint_name(2))["averaging"]["avg"], torch.arange(4096.0))

@@ -149,42 +149,23 @@ def copy_into(pairs: list[tuple[torch.Tensor, TensorSlot]], block: Any) -> None:
         torch.cuda.synchronize()  # the copies must be complete before the writer reads them
 
 
-class HostSnapshot:
-    """Copies of a nested state (dicts, lists, tensors) in CPU memory, pinned when the source is on a GPU
-    (the thread writer's snapshot). Buffers are reused by the next `take` whose tensors have the same
-    place, shape and dtype, so a run pins its checkpoint memory once (pinning is the slow part)."""
+class PinnedBlock:
+    """The thread writer's block: process-private CPU memory, pinned for a GPU state when it can be."""
 
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.nbytes, self.pin = nbytes, pin
+        try:
+            self._tensor = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+        except RuntimeError:  # pinned memory exhausted: pageable memory, a slower copy
+            self._tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.pinned = self._tensor.is_pinned()
+        self.map = self._tensor.numpy()
 
-    def take(self, state: Any) -> Any:
-        on_gpu = False
+    def fits(self, nbytes: int, pin: bool) -> bool:
+        return self.nbytes == nbytes and self.pin == pin
 
-        def copy(obj: Any, key: tuple) -> Any:
-            nonlocal on_gpu
-            if isinstance(obj, torch.Tensor):
-                if obj.device.type == "cpu":
-                    return obj.detach().clone()
-                on_gpu = True
-                buf = self._buffers.get(key)
-                if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
-                    try:
-                        buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=True)
-                    except RuntimeError:  # pinned memory exhausted: pageable memory, a slower copy
-                        buf = torch.empty(obj.shape, dtype=obj.dtype)
-                    self._buffers[key] = buf
-                buf.copy_(obj.detach(), non_blocking=True)
-                return buf
-            if isinstance(obj, dict):
-                return {k: copy(v, key + (k,)) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(copy(v, key + (i,)) for i, v in enumerate(obj))
-            return obj
-
-        out = copy(state, ())
-        if on_gpu:
-            torch.cuda.synchronize()
-        return out
+    def close(self) -> None:
+        self.map = self._tensor = None
 
 
 # ---- the socket protocol: an 8-byte length, then a pickle; a save request carries the block's fd ----
@@ -229,7 +210,6 @@ class _ProcessWriter:
     """One worker process (`python -m kotodama_core.train.checkpoint_writer FD`) and its shared block."""
 
     def __init__(self) -> None:
-        self._block: SharedBlock | None = None
         self._proc: subprocess.Popen | None = None
         self._sock: socket.socket | None = None
         self._pending: int | None = None  # the step being written
@@ -248,21 +228,14 @@ class _ProcessWriter:
         theirs.close()
         self._sock = ours
 
-    def submit(self, folder: Path, step: int, state: dict[str, Any], keep_last: int,
+    def submit(self, folder: Path, step: int, skeleton: Any, block: SharedBlock, keep_last: int,
                milestones: tuple[int, ...]) -> None:
-        skeleton, pairs, nbytes = plan_slots(state)
-        pin = any(t.device.type == "cuda" for t, _ in pairs)
-        if self._block is None or not self._block.fits(nbytes, pin):
-            if self._block is not None:
-                self._block.close()
-            self._block = SharedBlock(nbytes, pin)
-        copy_into(pairs, self._block.map)
         if self._proc is None or self._proc.poll() is not None:
             self._start()
-        request = {"folder": str(folder), "step": step, "skeleton": skeleton, "nbytes": self._block.nbytes,
+        request = {"folder": str(folder), "step": step, "skeleton": skeleton, "nbytes": block.nbytes,
                    "keep_last": keep_last, "milestones": milestones}
         try:
-            _send(self._sock, request, self._block.fd)
+            _send(self._sock, request, block.fd)
         except OSError:
             raise self._died(step) from None
         self._pending = step
@@ -307,9 +280,6 @@ class _ProcessWriter:
                 self._proc.kill()
                 self._proc.wait()
             self._proc = None
-        if self._block is not None:
-            self._block.close()
-            self._block = None
 
 
 class CheckpointWriter:
@@ -331,7 +301,7 @@ class CheckpointWriter:
         if use_process and not process_writer_available():
             raise ValueError("a checkpoint writer process needs Linux (memfd shared memory)")
         self._process = _ProcessWriter() if background and use_process else None
-        self._snapshot = HostSnapshot()
+        self._block: SharedBlock | PinnedBlock | None = None  # the copy of the state, reused across saves
         remove_stale_temps(self.folder)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -360,11 +330,12 @@ class CheckpointWriter:
         self.wait()
         self.last_wait_s = time.perf_counter() - t0
         self._in_flight = step
+        skeleton = self._snapshot(state)
         if self._process is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._process.submit(self.folder, step, state, self.keep_last, self.milestones)
+            self._process.submit(self.folder, step, skeleton, self._block, self.keep_last, self.milestones)
             return time.perf_counter() - t0
-        snapshot = self._snapshot.take(state)
+        snapshot = materialize(skeleton, self._block.map)
         if self.background:
             self._thread = threading.Thread(target=self._write, args=(step, snapshot),
                                             name=f"checkpoint-{step}", daemon=True)
@@ -373,6 +344,17 @@ class CheckpointWriter:
             self._write(step, snapshot)
             self.wait()
         return time.perf_counter() - t0
+
+    def _snapshot(self, state: dict[str, Any]) -> Any:
+        """Copy `state`'s tensors into the block (made anew when their layout changes); its skeleton."""
+        skeleton, pairs, nbytes = plan_slots(state)
+        pin = any(t.device.type == "cuda" for t, _ in pairs)
+        if self._block is None or not self._block.fits(nbytes, pin):
+            if self._block is not None:
+                self._block.close()
+            self._block = (SharedBlock if self._process is not None else PinnedBlock)(nbytes, pin)
+        copy_into(pairs, self._block.map)
+        return skeleton
 
     def in_flight(self) -> bool:
         """Whether a background write has not finished yet."""
@@ -400,6 +382,9 @@ class CheckpointWriter:
         finally:
             if self._process is not None:
                 self._process.close()
+            if self._block is not None:
+                self._block.close()
+                self._block = None
 
 
 def close_quietly(writer: CheckpointWriter) -> None:
