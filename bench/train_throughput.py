@@ -180,7 +180,8 @@ def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5) -> float:
 
 def optimizer_step_ms(args) -> dict:
     """Median time of the hybrid optimizer step alone on the preset with random gradients, of its Muon
-    and AdamW halves, of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
+    and AdamW halves, of Muon and the hybrid step with Muon's PyTorch element-wise passes instead of the
+    fused ones (muon_triton, the default on CUDA), of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
     and the step replayed from a CUDA graph (`graphed_ms`, learning rates frozen at capture: the time
     the step's kernels take without launch gaps)."""
     from kotodama_core.optim.newton_schulz import VARIANTS
@@ -197,6 +198,10 @@ def optimizer_step_ms(args) -> dict:
     out["muon_matrices"] = sum(len(g["params"]) for g in muon.param_groups) if muon else 0
     if muon:
         out.update(optimizer_floor(muon, opt))
+        muon.fused = False  # the PyTorch passes, beside the fused ones that serve CUDA by default
+        out["muon_pytorch_passes_ms"] = round(_median_ms(muon.step, args.device), 2)
+        out["hybrid_pytorch_passes_ms"] = round(_median_ms(opt.step, args.device), 2)
+        muon.fused = None
         configured = [g["ns_variant"] for g in muon.param_groups]
         for variant in VARIANTS:
             for g in muon.param_groups:
@@ -291,6 +296,7 @@ def graphed_step_ms(opt) -> float:
 
 # Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).
 KERNEL_FAMILIES = (("attnres_kernels", ("_mix_forward", "_mix_backward", "_merge_norm")),
+                   ("muon_kernels", ("_momentum_kernel", "_normalize_kernel", "_apply_kernel")),
                    ("attention", ("flash", "fmha", "cudnn")),
                    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitK")),
                    ("generated", ("triton_",)),

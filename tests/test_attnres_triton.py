@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from kotodama_core import pointer_table
 from kotodama_core.model import attnres_triton
 from kotodama_core.model.attnres import AttnResRuntime, completed_sources_mix, merged_read_norm
 
@@ -222,22 +223,22 @@ def test_pointer_table_is_built_on_the_device_once_per_set_of_buffers():
     """The table holds the buffers' addresses, is written by a launch on their device (no pinned host
     copy), and is reused, the same tensor, while the same buffers come back."""
     bufs = [torch.randn(3, 8, device=DEVICE) for _ in range(4)]
-    attnres_triton._TABLES.clear()
-    table = attnres_triton._pointer_table(bufs)
+    pointer_table.TABLES.clear()
+    table = pointer_table.pointer_table(bufs)
     assert table.device == bufs[0].device and table.dtype == torch.int64
     assert table.tolist() == [b.data_ptr() for b in bufs]
-    assert attnres_triton._pointer_table(bufs) is table
+    assert pointer_table.pointer_table(bufs) is table
     other = [torch.randn(3, 8, device=DEVICE) for _ in range(4)]
-    table2 = attnres_triton._pointer_table(other)
+    table2 = pointer_table.pointer_table(other)
     assert table2 is not table and table2.tolist() == [b.data_ptr() for b in other]
     # the cache stays bounded: the oldest tables go first
-    keep = attnres_triton.TABLE_CACHE_SIZE
+    keep = pointer_table.TABLE_CACHE_SIZE
     many = [torch.randn(1, 1, device=DEVICE) for _ in range(keep + 3)]
     for b in many:
-        attnres_triton._pointer_table([b])
-    assert len(attnres_triton._TABLES) == keep
-    assert attnres_triton._pointer_table(bufs) is not table  # evicted, rebuilt
-    assert attnres_triton._pointer_table(bufs).tolist() == [b.data_ptr() for b in bufs]
+        pointer_table.pointer_table([b])
+    assert len(pointer_table.TABLES) == keep
+    assert pointer_table.pointer_table(bufs) is not table  # evicted, rebuilt
+    assert pointer_table.pointer_table(bufs).tolist() == [b.data_ptr() for b in bufs]
 
 
 def test_repeated_reads_reuse_tables_and_stay_right():

@@ -31,10 +31,10 @@ against it (on CUDA, or on the CPU under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import Tensor
+
+from kotodama_core.pointer_table import pointer_table as _pointer_table
 
 try:
     import triton
@@ -129,40 +129,6 @@ if triton is not None:
         for k in tl.static_range(S):
             row = tl.sum(tl.where(s[:, None] == k, grad_v, 0.0), axis=0)
             tl.store(GRAD_SRC[k] + n * D + d, row.to(GRAD_SRC[k].dtype.element_ty), mask=d_ok)
-
-    @triton.jit
-    def _addresses_kernel(TENSORS, TABLE, K: tl.constexpr):
-        """TABLE[k] = address of TENSORS[k]: the pointer table written on the device, by one tiny launch."""
-        for k in tl.static_range(K):
-            tl.store(TABLE + k, TENSORS[k].to(tl.int64))
-
-    # Pointer tables by (device, addresses). A table's content is exactly its key, so a hit is always
-    # right whatever now lives at those addresses; the caching allocator hands a training step the same
-    # buffers every step, so after the first step every call is a hit (no launch, no copy).
-    _TABLES: "OrderedDict[tuple[int, ...], Tensor]" = OrderedDict()
-    TABLE_CACHE_SIZE = 256
-
-    def _pointer_table(tensors: list[Tensor]) -> Tensor:
-        """The tensors' addresses as an int64 tensor on their device, built there (no host copy, no
-        pinned memory, no sync), so a CUDA graph can capture the calls that use it. Inside a capture the
-        table is built fresh from the graph's own pool and not cached: a cached table could be evicted
-        (freed) while the graph still reads it, and one written by a captured launch holds nothing until
-        the graph is replayed."""
-        device = tensors[0].device
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        key = (device.index if device.index is not None else -1, *(t.data_ptr() for t in tensors))
-        if not capturing:
-            table = _TABLES.get(key)
-            if table is not None:
-                _TABLES.move_to_end(key)
-                return table
-        table = torch.empty(len(tensors), dtype=torch.int64, device=device)
-        _addresses_kernel[(1,)](tuple(tensors), table, K=len(tensors))
-        if not capturing:
-            _TABLES[key] = table
-            while len(_TABLES) > TABLE_CACHE_SIZE:
-                _TABLES.popitem(last=False)
-        return table
 
     # Warps per token program of the phase-1 kernels. One warp keeps every reduction inside the warp, but
     # caps a Hopper SM at 32 resident one-warp programs (half its warp slots); more warps per token put

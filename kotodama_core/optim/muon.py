@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kotodama_core.optim import newton_schulz
+from kotodama_core.optim import muon_triton, newton_schulz
 
 
 def _world(process_group) -> tuple[int, int]:
@@ -34,7 +34,7 @@ def _world(process_group) -> tuple[int, int]:
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.01, ns_steps: int = 5, ns_variant: str = "gram_ns",
-                 process_group=None):
+                 process_group=None, fused: bool | None = None):
         if lr < 0:
             raise ValueError(f"Muon lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -50,6 +50,9 @@ class Muon(torch.optim.Optimizer):
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
         self.process_group = process_group
+        # None: the fused Triton passes (muon_triton) wherever they can serve (CUDA); False: the PyTorch
+        # passes everywhere; True: the fused passes wherever Triton can run them (tests, interpreter).
+        self.fused = fused
         self._stacks: dict[tuple[int, ...], tuple[Tensor, list[Tensor]]] = {}
 
     @torch.no_grad()
@@ -76,6 +79,14 @@ class Muon(torch.optim.Optimizer):
         offset = 0
         for (rows, cols), members in buckets.items():
             buf = self._momentum_stack(members)
+            scale = math.sqrt(max(1.0, rows / cols))
+            if self._fused_for(members):
+                update = muon_triton.momentum_normalized([p.grad for p in members], buf, mu, group["nesterov"],
+                                                         newton_schulz.NORM_EPS, newton_schulz.ns_dtype(buf.device))
+                ortho = self._orthogonalize(update, group, offset, normalized=True)
+                muon_triton.apply_update(members, ortho, decay=1.0 - lr * wd, step=lr * scale)
+                offset += len(members)
+                continue
             grads = torch.stack([p.grad for p in members])
             torch.add(grads, buf, alpha=mu, out=buf)  # buf ← μ·buf + g
             if group["nesterov"]:  # u ← g + μ·buf, written straight in the Newton–Schulz dtype
@@ -83,7 +94,6 @@ class Muon(torch.optim.Optimizer):
                 torch.add(grads, buf, alpha=mu, out=update)
             else:
                 update = buf
-            scale = math.sqrt(max(1.0, rows / cols))
             if wd:  # decay and update in one pass: lerp(W, −(scale/wd)·O, lr·wd) = W(1 − lr·wd) − lr·scale·O,
                 # with −scale/wd applied inside Newton–Schulz's last product
                 target = self._orthogonalize(update, group, offset, -scale / wd).to(members[0].dtype)
@@ -92,6 +102,11 @@ class Muon(torch.optim.Optimizer):
                 ortho = self._orthogonalize(update, group, offset)
                 torch._foreach_add_(members, list(ortho.to(members[0].dtype).unbind(0)), alpha=-lr * scale)
             offset += len(members)
+
+    def _fused_for(self, members: list[Tensor]) -> bool:
+        if self.fused is False or not muon_triton.supported(members):
+            return False
+        return self.fused is True or members[0].is_cuda
 
     def _momentum_stack(self, members: list[Tensor]) -> Tensor:
         """The (N, rows, cols) momentum stack of one shape bucket; state[p]["momentum_buffer"] is its j-th
@@ -110,13 +125,14 @@ class Muon(torch.optim.Optimizer):
         self._stacks[key] = (stack, views)
         return stack
 
-    def _orthogonalize(self, stack: Tensor, group: dict, offset: int, out_scale: float = 1.0) -> Tensor:
-        """out_scale·NS of a (N, r, c) stack; under torch.distributed each rank does matrices
-        (offset + j) % world."""
+    def _orthogonalize(self, stack: Tensor, group: dict, offset: int, out_scale: float = 1.0,
+                       normalized: bool = False) -> Tensor:
+        """out_scale·NS of a (N, r, c) stack (each matrix already of unit norm if `normalized`); under
+        torch.distributed each rank does matrices (offset + j) % world."""
         variant, steps = group["ns_variant"], group["ns_steps"]
         world, rank = _world(self.process_group)
         if world == 1:
-            return newton_schulz.orthogonalize(stack, variant, steps, out_scale=out_scale)
+            return newton_schulz.orthogonalize(stack, variant, steps, out_scale=out_scale, normalized=normalized)
         n, r, c = stack.shape
         first = [(k - offset) % world for k in range(world)]
         counts = [len(range(first[k], n, world)) for k in range(world)]
@@ -124,7 +140,7 @@ class Muon(torch.optim.Optimizer):
         send = torch.zeros(max(counts), r, c, dtype=dtype, device=stack.device)
         if counts[rank]:
             send[:counts[rank]] = newton_schulz.orthogonalize(stack[first[rank]::world], variant, steps,
-                                                              out_scale=out_scale)
+                                                              out_scale=out_scale, normalized=normalized)
         received = [torch.empty_like(send) for _ in range(world)]
         dist.all_gather(received, send, group=self.process_group)
         out = torch.empty(n, r, c, dtype=dtype, device=stack.device)

@@ -37,6 +37,8 @@ GRAM_NS_SCHEDULE = (
     (2.8366, -3.0525, 1.2012),
 )
 VARIANTS = ("quintic", "gram_ns", "gram")
+# Added to ‖G‖_F before dividing, so a zero gradient gives a zero update.
+NORM_EPS = 1e-7
 # Re-anchor the Gram iteration after this many steps (1-based step counts).
 GRAM_RESTARTS = (2,)
 
@@ -56,10 +58,11 @@ def ns_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def orthogonalize(G: Tensor, variant: str = "gram_ns", steps: int = 5, eps: float = 1e-7,
-                  dtype: torch.dtype | None = None, out_scale: float = 1.0) -> Tensor:
+def orthogonalize(G: Tensor, variant: str = "gram_ns", steps: int = 5, eps: float = NORM_EPS,
+                  dtype: torch.dtype | None = None, out_scale: float = 1.0, normalized: bool = False) -> Tensor:
     """Approximate U·Vᵀ of G, shape (r, c) or (N, r, c); returns `dtype` (bf16 on CUDA, else fp32).
-    out_scale multiplies the result inside the last product (no extra pass, no extra rounding)."""
+    out_scale multiplies the result inside the last product (no extra pass, no extra rounding).
+    normalized: G is already G/(‖G‖_F + eps) per matrix (muon_triton does it in its momentum pass)."""
     if G.ndim not in (2, 3):
         raise ValueError(f"orthogonalize expects (rows, cols) or (batch, rows, cols), got {tuple(G.shape)}")
     coeffs = ns_coefficients(variant, steps)
@@ -67,7 +70,8 @@ def orthogonalize(G: Tensor, variant: str = "gram_ns", steps: int = 5, eps: floa
     transposed = X.shape[-2] > X.shape[-1]
     if transposed:
         X = X.mT
-    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
+    if not normalized:
+        X = X / (torch.linalg.matrix_norm(X, keepdim=True) + eps)
     X = _gram_iteration(X, coeffs, out_scale) if variant == "gram" else _classic_iteration(X, coeffs, out_scale)
     return X.mT if transposed else X
 

@@ -1,0 +1,73 @@
+"""The fused Muon passes (muon_triton) against Muon's PyTorch passes: weights and momentum after several
+steps, with and without Nesterov and weight decay, for tall, wide and square matrices whose sizes are no
+multiple of the kernels' blocks.
+
+Runs on CUDA; without CUDA only under TRITON_INTERPRET=1 (Triton's CPU interpreter), as
+tests/test_attnres_triton.py does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kotodama_core.optim import muon_triton
+from kotodama_core.optim.muon import Muon
+
+CUDA = torch.cuda.is_available()
+pytestmark = [
+    pytest.mark.skipif(muon_triton.triton is None, reason="Triton is not installed"),
+    pytest.mark.skipif(not CUDA and os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs CUDA, or TRITON_INTERPRET=1 to run the kernels on the CPU"),
+]
+DEVICE = "cuda" if CUDA else "cpu"
+SHAPES = [(70, 33), (70, 33), (33, 70), (48, 48), (48, 48), (48, 48)]
+
+
+def _weights(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(*s, generator=g) * 0.1).to(DEVICE, dtype)) for s in SHAPES]
+
+
+def _run(fused: bool, dtype: torch.dtype, steps: int, **kw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    params = _weights(dtype)
+    opt = Muon(params, fused=fused, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(DEVICE, dtype)
+        opt.step()
+    return [p.detach().float().cpu() for p in params], [opt.state[p]["momentum_buffer"].float().cpu() for p in params]
+
+
+@pytest.mark.parametrize("nesterov, weight_decay", [(True, 0.01), (False, 0.0), (True, 0.0)])
+def test_fused_passes_match_pytorch(nesterov, weight_decay):
+    kw = dict(lr=0.02, momentum=0.95, nesterov=nesterov, weight_decay=weight_decay)
+    fused_w, fused_m = _run(True, torch.float32, 3, **kw)
+    plain_w, plain_m = _run(False, torch.float32, 3, **kw)
+    for a, b in zip(fused_m, plain_m):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # On CUDA Newton–Schulz runs in bf16, where the two normalizations round differently.
+    tol = dict(rtol=0, atol=2e-3) if CUDA else dict(rtol=1e-5, atol=1e-5)
+    for a, b, w0 in zip(fused_w, plain_w, _weights(torch.float32)):
+        assert not torch.equal(a, w0.detach().float().cpu())  # the step moved every weight
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fused_passes_keep_bf16_weights_bf16():
+    fused_w, _ = _run(True, torch.bfloat16, 2, lr=0.02, weight_decay=0.01)
+    plain_w, _ = _run(False, torch.bfloat16, 2, lr=0.02, weight_decay=0.01)
+    for a, b in zip(fused_w, plain_w):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-2)
+
+
+def test_unsupported_layouts_take_the_pytorch_passes():
+    params = _weights(torch.float32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    assert muon_triton.supported(params)
+    params[0].grad = torch.randn(params[0].shape[1], params[0].shape[0], device=DEVICE).t()  # not contiguous
+    assert not muon_triton.supported(params)
+    assert not Muon(params, fused=True)._fused_for(params)
