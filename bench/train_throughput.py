@@ -296,7 +296,7 @@ def graphed_step_ms(opt) -> float:
 
 # Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).
 KERNEL_FAMILIES = (("attnres_kernels", ("_mix_forward", "_mix_backward", "_merge_norm")),
-                   ("muon_kernels", ("_momentum_kernel", "_normalize_kernel", "_apply_kernel")),
+                   ("muon_kernels", ("_muon_momentum_kernel", "_muon_normalize_kernel", "_muon_apply_kernel")),
                    ("attention", ("flash", "fmha", "cudnn")),
                    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitK")),
                    ("generated", ("triton_",)),

@@ -48,7 +48,7 @@ def supported(params: list[Tensor]) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _momentum_kernel(GRADS, BUF, U, PARTIAL, numel, num_blocks, mu,
+    def _muon_momentum_kernel(GRADS, BUF, U, PARTIAL, numel, num_blocks, mu,
                          NESTEROV: tl.constexpr, GRAD_BF16: tl.constexpr, BLOCK: tl.constexpr):
         m = tl.program_id(0)
         b = tl.program_id(1)
@@ -68,7 +68,7 @@ if triton is not None:
         tl.store(PARTIAL + m * num_blocks + b, tl.sum(uf * uf, axis=0))
 
     @triton.jit
-    def _normalize_kernel(U, PARTIAL, numel, num_blocks, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+    def _muon_normalize_kernel(U, PARTIAL, numel, num_blocks, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr):
         m = tl.program_id(0)
         b = tl.program_id(1)
         p = tl.arange(0, PARTS)
@@ -81,7 +81,7 @@ if triton is not None:
         tl.store(U + base + offs, x.to(U.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _apply_kernel(PARAMS, O, rows, cols, so_n, so_r, so_c, decay, step,
+    def _muon_apply_kernel(PARAMS, O, rows, cols, so_n, so_r, so_c, decay, step,
                       PARAM_BF16: tl.constexpr, TILE: tl.constexpr):
         m = tl.program_id(0)
         tile = tl.program_id(1)
@@ -106,10 +106,10 @@ def momentum_normalized(grads: list[Tensor], momentum: Tensor, mu: float, nester
     update = torch.empty(momentum.shape, dtype=out_dtype, device=momentum.device)
     partial = torch.empty(n, blocks, dtype=torch.float32, device=momentum.device)
     grid = (n, blocks)
-    _momentum_kernel[grid](pointer_table(grads), momentum, update, partial, numel, blocks, mu,
+    _muon_momentum_kernel[grid](pointer_table(grads), momentum, update, partial, numel, blocks, mu,
                            NESTEROV=nesterov, GRAD_BF16=grads[0].dtype == torch.bfloat16, BLOCK=BLOCK,
                            num_warps=8)
-    _normalize_kernel[grid](update, partial, numel, blocks, eps, PARTS=triton.next_power_of_2(blocks),
+    _muon_normalize_kernel[grid](update, partial, numel, blocks, eps, PARTS=triton.next_power_of_2(blocks),
                             BLOCK=BLOCK, num_warps=8)
     return update
 
@@ -118,5 +118,5 @@ def apply_update(params: list[Tensor], ortho: Tensor, decay: float, step: float)
     """W_j ← W_j·decay − step·O_j for each weight j of the bucket (decay = 1 − lr·wd, step = lr·scale)."""
     n, rows, cols = ortho.shape
     tiles = triton.cdiv(rows, TILE) * triton.cdiv(cols, TILE)
-    _apply_kernel[(n, tiles)](pointer_table(params), ortho, rows, cols, *ortho.stride(), decay, step,
+    _muon_apply_kernel[(n, tiles)](pointer_table(params), ortho, rows, cols, *ortho.stride(), decay, step,
                               PARAM_BF16=params[0].dtype == torch.bfloat16, TILE=TILE, num_warps=4)

@@ -20,7 +20,8 @@ X₀ ← Q·X₀, A ← X₀·X₀ᵀ, Q ← I. Cost for r×c, five steps and on
 versus 5·(2·r²c + r³) = 10·r²c + 5·r³ classically — a saving once c is above about 1.5·r.
 
 Runs in bf16 on CUDA and fp32 elsewhere; a (N, r, c) stack is orthogonalized in one batched call, and every
-step's scalings and sums ride in the products' epilogues (addmm/baddbmm): a classic step is three launches.
+step's scalings ride in the products' epilogues (addmm/baddbmm): a classic step is three products and a
+diagonal add.
 """
 
 from __future__ import annotations
@@ -77,20 +78,24 @@ def orthogonalize(G: Tensor, variant: str = "gram_ns", steps: int = 5, eps: floa
 
 
 def _addmm(bias: Tensor, m1: Tensor, m2: Tensor, beta: float, alpha: float) -> Tensor:
-    """beta·bias + alpha·(m1 @ m2) in one kernel (cuBLAS applies both scalars in the product's epilogue),
-    for a single matrix or a (N, r, c) stack; one launch where the plain expression takes three."""
+    """beta·bias + alpha·(m1 @ m2) as one product (cuBLAS applies both scalars in its epilogue, after the
+    bias is copied into the output), for a single matrix or a (N, r, c) stack; the plain expression
+    takes three passes."""
     if m1.ndim == 2:
         return torch.addmm(bias, m1, m2, beta=beta, alpha=alpha)
     return torch.baddbmm(bias, m1, m2, beta=beta, alpha=alpha)
 
 
 def _classic_iteration(X: Tensor, coeffs: list[tuple[float, float, float]], out_scale: float = 1.0) -> Tensor:
-    # X ← a·X + (b·A + c·A²)·X with A = X·Xᵀ: three products per step, each with its scaling and sum fused.
+    # X ← (a·I + b·A + c·A²)·X with A = X·Xᵀ: three products per step. a·I joins the r×r polynomial on its
+    # diagonal instead of entering the last product as a·X: a product with a summand first copies that
+    # summand into its output (an r×c copy per step, and a slow transposing one for a tall matrix's view).
     for step, (a, b, c) in enumerate(coeffs, start=1):
         k = out_scale if step == len(coeffs) else 1.0
         A = X @ X.mT
-        B = _addmm(A, A, A, beta=b, alpha=c)
-        X = _addmm(X, B, X, beta=a * k, alpha=k)
+        P = _addmm(A, A, A, beta=b * k, alpha=c * k)
+        P.diagonal(dim1=-2, dim2=-1).add_(a * k)
+        X = P @ X
     return X
 
 
