@@ -181,7 +181,8 @@ def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5) -> float:
 def optimizer_step_ms(args) -> dict:
     """Median time of the hybrid optimizer step alone on the preset with random gradients, of its Muon
     and AdamW halves, of Muon and the hybrid step with Muon's PyTorch element-wise passes instead of the
-    fused ones (muon_triton, the default on CUDA), of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
+    fused ones (muon_triton, the default on CUDA) and uncaptured (Muon captures its step in a CUDA graph on one
+    device by default), of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
     and the step replayed from a CUDA graph (`graphed_ms`, learning rates frozen at capture: the time
     the step's kernels take without launch gaps)."""
     from kotodama_core.optim.newton_schulz import VARIANTS
@@ -198,10 +199,13 @@ def optimizer_step_ms(args) -> dict:
     out["muon_matrices"] = sum(len(g["params"]) for g in muon.param_groups) if muon else 0
     if muon:
         out.update(optimizer_floor(muon, opt))
-        muon.fused = False  # the PyTorch passes, beside the fused ones that serve CUDA by default
+        muon.graph = False  # launched kernel by kernel, beside the captured step (the default on CUDA)
+        out["muon_uncaptured_ms"] = round(_median_ms(muon.step, args.device), 2)
+        out["hybrid_uncaptured_ms"] = round(_median_ms(opt.step, args.device), 2)
+        muon.fused = False  # the PyTorch passes, beside the fused ones
         out["muon_pytorch_passes_ms"] = round(_median_ms(muon.step, args.device), 2)
         out["hybrid_pytorch_passes_ms"] = round(_median_ms(opt.step, args.device), 2)
-        muon.fused = None
+        muon.fused, muon.graph = None, None
         configured = [g["ns_variant"] for g in muon.param_groups]
         for variant in VARIANTS:
             for g in muon.param_groups:
@@ -212,9 +216,13 @@ def optimizer_step_ms(args) -> dict:
     if args.device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
+        if muon:
+            muon.graph = False  # kernel by kernel, so the profile names each
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             opt.step()
             torch.cuda.synchronize()
+        if muon:
+            muon.graph = None
         kernels = device_kernels(prof)
         out["kernels_per_step"] = len(kernels)
         out["kernel_ms_by_family"] = kernel_ms_by_family(kernels)

@@ -8,6 +8,7 @@ tests/test_attnres_triton.py does.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -71,3 +72,48 @@ def test_unsupported_layouts_take_the_pytorch_passes():
     params[0].grad = torch.randn(params[0].shape[1], params[0].shape[0], device=DEVICE).t()  # not contiguous
     assert not muon_triton.supported(params)
     assert not Muon(params, fused=True)._fused_for(params)
+
+
+def test_tall_matrices_share_the_newton_schulz_batch_of_their_wide_twins():
+    params = _weights(torch.float32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = Muon(params, fused=True)
+    batches = opt._plan(opt.param_groups[0]).batches
+    assert sorted(sorted(tuple(m[0].shape) for m in batch) for batch in batches) == [
+        [(33, 70), (70, 33)], [(48, 48)]]
+    assert not Muon(params, fused=False)._plan(opt.param_groups[0]).fused
+
+
+def _graph_run(graph: bool, steps: int, reload_at: int | None = None):
+    """Weights after `steps` steps on CUDA with fresh gradient tensors (new addresses) and a new lr every
+    step; at reload_at the optimizer state goes through state_dict/load_state_dict (new momentum stacks)."""
+    params = _weights(torch.float32)
+    opt = Muon(params, lr=0.02, weight_decay=0.01, graph=graph)
+    g = torch.Generator().manual_seed(3)
+    captured = []
+    for step in range(steps):
+        keep = [p.grad for p in params]  # the old gradients stay alive, so the new ones get new addresses
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+        opt.param_groups[0]["lr"] = 0.02 * (1 - step / steps)
+        if step == reload_at:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as a resumed checkpoint would
+        opt.step()
+        captured.append(opt._graph is not None)
+        del keep
+    return [p.detach().cpu() for p in params], captured
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need CUDA")
+def test_captured_step_follows_new_gradients_and_learning_rates():
+    eager, never = _graph_run(False, 6)
+    graphed, captured = _graph_run(True, 6)
+    assert not any(never) and captured == [False, True, True, True, True, True]
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # new momentum stacks (a reload) make a new layout: one eager step, then a new capture
+    reloaded, captured = _graph_run(True, 6, reload_at=3)
+    assert captured == [False, True, True, False, True, True]
+    for a, b in zip(reloaded, eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -12,17 +12,24 @@ so every rank updates its momentum buffers identically and keeps them in full (a
 complete). Matrices of one shape are stacked; matrix j of the group's running count goes to rank
 j mod world, each rank orthogonalizes only its own matrices in one batched call, and an all_gather
 hands every rank the full set. Works with gloo and nccl.
+
+On CUDA the element-wise passes are fused Triton kernels (muon_triton), a tall shape shares the batched
+Newton–Schulz of the wide shape of its size, and on one device the whole step is captured once in a CUDA
+graph and replayed, with the gradients' addresses and the learning rates refilled before each replay.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from kotodama_core.optim import muon_triton, newton_schulz
+from kotodama_core.pointer_table import pointer_table
 
 
 def _world(process_group) -> tuple[int, int]:
@@ -31,10 +38,20 @@ def _world(process_group) -> tuple[int, int]:
     return 1, 0
 
 
+@dataclass
+class _Plan:
+    """One param group's step: its matrices with gradients, by shape, and whether the fused passes serve
+    it. `batches` are the Newton–Schulz calls: fused, a tall shape joins the wide shape of its size (its
+    input written transposed); otherwise one per shape."""
+    group: dict
+    fused: bool
+    batches: list[list[list[Tensor]]]
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.01, ns_steps: int = 5, ns_variant: str = "gram_ns",
-                 process_group=None, fused: bool | None = None):
+                 process_group=None, fused: bool | None = None, graph: bool | None = None):
         if lr < 0:
             raise ValueError(f"Muon lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -53,7 +70,14 @@ class Muon(torch.optim.Optimizer):
         # None: the fused Triton passes (muon_triton) wherever they can serve (CUDA); False: the PyTorch
         # passes everywhere; True: the fused passes wherever Triton can run them (tests, interpreter).
         self.fused = fused
+        # None: on one CUDA device with the fused passes, the step is captured once in a CUDA graph and
+        # replayed (about 100 launches become one); False: never.
+        self.graph = graph
         self._stacks: dict[tuple[int, ...], tuple[Tensor, list[Tensor]]] = {}
+        self._lrs: Tensor | None = None         # each group's lr on the device, read by the apply pass
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph_key: tuple | None = None
+        self._graph_grads: Tensor | None = None  # the captured step's gradient pointer table, refilled
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,52 +85,151 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        plans = [self._plan(group) for group in self.param_groups]
+        if self._graphable(plans):
+            self._graphed_step(plans)
+        else:
+            for index, plan in enumerate(plans):
+                self._step_plan(index, plan)
         return loss
 
-    def _step_group(self, group: dict) -> None:
+    def _plan(self, group: dict) -> _Plan:
+        params = [p for p in group["params"] if p.grad is not None]
+        by_shape: dict[tuple[int, int], list[Tensor]] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        fused = bool(params) and self._fused_for(params)
+        if not fused:
+            return _Plan(group, False, [[members] for members in by_shape.values()])
+        batches: dict[tuple[int, int], list[list[Tensor]]] = {}
+        for (rows, cols), members in by_shape.items():
+            batches.setdefault((min(rows, cols), max(rows, cols)), []).append(members)
+        return _Plan(group, True, list(batches.values()))
+
+    def _fused_for(self, params: list[Tensor]) -> bool:
+        if self.fused is False or not muon_triton.supported(params):
+            return False
+        return self.fused is True or params[0].is_cuda
+
+    def _step_plan(self, index: int, plan: _Plan, grad_tables: Iterator[Tensor] | None = None) -> None:
+        """One group's update; grad_tables (the captured step's) stand in for the gradients' own tables,
+        and then the group's lr is already on the device."""
+        if not plan.fused:
+            offset = 0
+            for (members,) in plan.batches:
+                self._step_pytorch(plan.group, members, offset)
+                offset += len(members)
+            return
+        group = plan.group
+        if grad_tables is None:
+            self._lr_slots(group["params"][0].device)[index].fill_(group["lr"])
+        lr = self._lrs[index:index + 1]
+        offset = 0
+        for batch in plan.batches:
+            first = batch[0][0]
+            r, c = min(first.shape), max(first.shape)
+            count = sum(len(members) for members in batch)
+            update = torch.empty(count, r, c, dtype=newton_schulz.ns_dtype(first.device), device=first.device)
+            partial = torch.empty(count, muon_triton.tiles(r, c), dtype=torch.float32, device=first.device)
+            at = 0
+            for members in batch:
+                n, tall = len(members), members[0].shape[0] > members[0].shape[1]
+                view = update[at:at + n].mT if tall else update[at:at + n]
+                table = next(grad_tables) if grad_tables is not None else pointer_table([p.grad for p in members])
+                muon_triton.momentum(table, members[0].grad.dtype, self._momentum_stack(members), view,
+                                     partial[at:at + n], group["momentum"], group["nesterov"])
+                at += n
+            muon_triton.normalize(update, partial, newton_schulz.NORM_EPS)
+            ortho = self._orthogonalize(update, group, offset, normalized=True)
+            at = 0
+            for members in batch:
+                n, (rows, cols) = len(members), members[0].shape
+                view = ortho[at:at + n].mT if rows > cols else ortho[at:at + n]
+                muon_triton.apply_update(pointer_table(members), members[0].dtype, view, lr,
+                                         group["weight_decay"], math.sqrt(max(1.0, rows / cols)))
+                at += n
+            offset += count
+
+    def _lr_slots(self, device: torch.device) -> Tensor:
+        if self._lrs is None or self._lrs.device != device or len(self._lrs) != len(self.param_groups):
+            self._lrs = torch.zeros(len(self.param_groups), dtype=torch.float32, device=device)
+        return self._lrs
+
+    def _step_pytorch(self, group: dict, members: list[Tensor], offset: int) -> None:
         # Matrices of one shape are updated as one (N, rows, cols) stack: one kernel per operation and
         # shape instead of a (foreach) pass over 196 separate matrices, and the momentum buffers live in
         # that stack (each matrix's state entry is a view of it), so only the gradients are gathered.
         mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        buckets: dict[tuple[int, int], list[Tensor]] = {}
-        for p in params:
-            buckets.setdefault(tuple(p.shape), []).append(p)
-        offset = 0
-        for (rows, cols), members in buckets.items():
-            buf = self._momentum_stack(members)
-            scale = math.sqrt(max(1.0, rows / cols))
-            if self._fused_for(members):
-                update = muon_triton.momentum_normalized([p.grad for p in members], buf, mu, group["nesterov"],
-                                                         newton_schulz.NORM_EPS, newton_schulz.ns_dtype(buf.device))
-                ortho = self._orthogonalize(update, group, offset, normalized=True)
-                muon_triton.apply_update(members, ortho, decay=1.0 - lr * wd, step=lr * scale)
-                offset += len(members)
-                continue
-            grads = torch.stack([p.grad for p in members])
-            torch.add(grads, buf, alpha=mu, out=buf)  # buf ← μ·buf + g
-            if group["nesterov"]:  # u ← g + μ·buf, written straight in the Newton–Schulz dtype
-                update = torch.empty(buf.shape, dtype=newton_schulz.ns_dtype(buf.device), device=buf.device)
-                torch.add(grads, buf, alpha=mu, out=update)
-            else:
-                update = buf
-            if wd:  # decay and update in one pass: lerp(W, −(scale/wd)·O, lr·wd) = W(1 − lr·wd) − lr·scale·O,
-                # with −scale/wd applied inside Newton–Schulz's last product
-                target = self._orthogonalize(update, group, offset, -scale / wd).to(members[0].dtype)
-                torch._foreach_lerp_(members, list(target.unbind(0)), lr * wd)
-            else:
-                ortho = self._orthogonalize(update, group, offset)
-                torch._foreach_add_(members, list(ortho.to(members[0].dtype).unbind(0)), alpha=-lr * scale)
-            offset += len(members)
+        rows, cols = members[0].shape
+        buf = self._momentum_stack(members)
+        grads = torch.stack([p.grad for p in members])
+        torch.add(grads, buf, alpha=mu, out=buf)  # buf ← μ·buf + g
+        if group["nesterov"]:  # u ← g + μ·buf, written straight in the Newton–Schulz dtype
+            update = torch.empty(buf.shape, dtype=newton_schulz.ns_dtype(buf.device), device=buf.device)
+            torch.add(grads, buf, alpha=mu, out=update)
+        else:
+            update = buf
+        scale = math.sqrt(max(1.0, rows / cols))
+        if wd:  # decay and update in one pass: lerp(W, −(scale/wd)·O, lr·wd) = W(1 − lr·wd) − lr·scale·O,
+            # with −scale/wd applied inside Newton–Schulz's last product
+            target = self._orthogonalize(update, group, offset, -scale / wd).to(members[0].dtype)
+            torch._foreach_lerp_(members, list(target.unbind(0)), lr * wd)
+        else:
+            ortho = self._orthogonalize(update, group, offset)
+            torch._foreach_add_(members, list(ortho.to(members[0].dtype).unbind(0)), alpha=-lr * scale)
 
-    def _fused_for(self, members: list[Tensor]) -> bool:
-        if self.fused is False or not muon_triton.supported(members):
+    # -- the captured step ------------------------------------------------------------------------------
+
+    def _graphable(self, plans: list[_Plan]) -> bool:
+        if self.graph is False or not plans or not all(plan.fused for plan in plans):
             return False
-        return self.fused is True or members[0].is_cuda
+        device = plans[0].group["params"][0].device
+        return (device.type == "cuda" and _world(self.process_group)[0] == 1
+                and not torch.cuda.is_current_stream_capturing())  # never inside someone else's capture
+
+    def _layout(self, plans: list[_Plan]) -> tuple:
+        """What a captured step depends on besides the gradients' addresses: the weights (by identity and
+        address), the momentum stacks, the dtypes and every hyperparameter but the learning rate."""
+        key = []
+        for plan in plans:
+            g = plan.group
+            key.append((g["momentum"], g["nesterov"], g["weight_decay"], g["ns_variant"], g["ns_steps"]))
+            for batch in plan.batches:
+                for members in batch:
+                    key.append((self._momentum_stack(members).data_ptr(), members[0].dtype, members[0].grad.dtype,
+                                *(id(p) for p in members), *(p.data_ptr() for p in members)))
+        return tuple(key)
+
+    def _graphed_step(self, plans: list[_Plan]) -> None:
+        """The first step of a layout runs eagerly, on a side stream, so that the capture after it finds
+        every lazy initialization (kernels compiled, cuBLAS workspaces) done; the second is captured; from
+        then on each step refills the gradient pointer table and the learning rates and replays."""
+        layout = self._layout(plans)
+        if layout != self._graph_key:
+            self._graph, self._graph_key = None, layout
+            current = torch.cuda.current_stream()
+            side = torch.cuda.Stream()
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for index, plan in enumerate(plans):
+                    self._step_plan(index, plan)
+            current.wait_stream(side)
+            return
+        buckets = [members for plan in plans for batch in plan.batches for members in batch]
+        if self._graph is None:
+            self._graph_grads = torch.empty(sum(len(m) for m in buckets), dtype=torch.int64,
+                                            device=self._lrs.device)
+            tables = self._graph_grads.split([len(m) for m in buckets])
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                it = iter(tables)
+                for index, plan in enumerate(plans):
+                    self._step_plan(index, plan, grad_tables=it)
+            self._graph = graph
+        torch.cat([pointer_table([p.grad for p in members]) for members in buckets], out=self._graph_grads)
+        for index, plan in enumerate(plans):
+            self._lrs[index].fill_(plan.group["lr"])
+        self._graph.replay()
 
     def _momentum_stack(self, members: list[Tensor]) -> Tensor:
         """The (N, rows, cols) momentum stack of one shape bucket; state[p]["momentum_buffer"] is its j-th
