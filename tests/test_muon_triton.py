@@ -68,10 +68,10 @@ def test_unsupported_layouts_take_the_pytorch_passes():
     params = _weights(torch.float32)
     for p in params:
         p.grad = torch.randn_like(p)
-    assert muon_triton.supported(params)
+    assert muon_triton.supported(params, [p.grad for p in params])
     params[0].grad = torch.randn(params[0].shape[1], params[0].shape[0], device=DEVICE).t()  # not contiguous
-    assert not muon_triton.supported(params)
-    assert not Muon(params, fused=True)._fused_for(params)
+    assert not muon_triton.supported(params, [p.grad for p in params])
+    assert not Muon(params, fused=True)._plan({"params": params}).fused
 
 
 def test_tall_matrices_share_the_newton_schulz_batch_of_their_wide_twins():

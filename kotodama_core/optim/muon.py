@@ -94,11 +94,16 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _plan(self, group: dict) -> _Plan:
-        params = [p for p in group["params"] if p.grad is not None]
+        params, grads = [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is not None:
+                params.append(p)
+                grads.append(g)
         by_shape: dict[tuple[int, int], list[Tensor]] = {}
         for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        fused = bool(params) and self._fused_for(params)
+            by_shape.setdefault(p.shape, []).append(p)
+        fused = bool(params) and self._fused_for(params, grads)
         if not fused:
             return _Plan(group, False, [[members] for members in by_shape.values()])
         batches: dict[tuple[int, int], list[list[Tensor]]] = {}
@@ -106,8 +111,8 @@ class Muon(torch.optim.Optimizer):
             batches.setdefault((min(rows, cols), max(rows, cols)), []).append(members)
         return _Plan(group, True, list(batches.values()))
 
-    def _fused_for(self, params: list[Tensor]) -> bool:
-        if self.fused is False or not muon_triton.supported(params):
+    def _fused_for(self, params: list[Tensor], grads: list[Tensor]) -> bool:
+        if self.fused is False or not muon_triton.supported(params, grads):
             return False
         return self.fused is True or params[0].is_cuda
 

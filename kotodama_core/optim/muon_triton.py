@@ -34,16 +34,18 @@ TILE = 64
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
-def supported(params: list[Tensor]) -> bool:
+def supported(params: list[Tensor], grads: list[Tensor]) -> bool:
     """True when the fused passes can serve these weights and their gradients: Triton is installed, and
     the weights and gradients are contiguous fp32 or bf16, one dtype each. (Muon also asks for CUDA unless
     told to use them: under TRITON_INTERPRET=1 they run on the CPU, which only tests want.)"""
     if triton is None or not params:
         return False
-    p0 = params[0]
-    return all(p.grad is not None and p.is_contiguous() and p.grad.is_contiguous()
-               and p.dtype == p0.dtype and p.grad.dtype == p0.grad.dtype
-               and p.dtype in _FLOATS and p.grad.dtype in _FLOATS for p in params)
+    p_dtype, g_dtype = params[0].dtype, grads[0].dtype
+    if p_dtype not in _FLOATS or g_dtype not in _FLOATS:
+        return False
+    # One pass, few attribute reads: this runs before every step, ahead of the replayed graph.
+    return (all(p.dtype == p_dtype and p.is_contiguous() for p in params)
+            and all(g.dtype == g_dtype and g.is_contiguous() for g in grads))
 
 
 if triton is not None:
