@@ -117,3 +117,45 @@ def test_captured_step_follows_new_gradients_and_learning_rates():
     assert captured == [False, True, True, False, True, True]
     for a, b in zip(reloaded, eager):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def _fused_worker(rank: int, world: int, port: int, out: str):
+    import torch.distributed as dist
+
+    from tests.test_optim import _problem
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        params, grads = _problem()
+        opt = _run_fused_muon(params, grads)
+        torch.save({"params": [p.detach() for p in params],
+                    "buffers": [opt.state[p]["momentum_buffer"] for p in params]}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_fused_muon(params, grads) -> Muon:
+    opt = Muon(params, lr=0.05, weight_decay=0.01, ns_variant="gram", fused=True)
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
+        opt.step()
+    return opt
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="gloo takes CPU tensors: interpreter only")
+def test_fused_passes_under_two_gloo_processes_match_one(tmp_path):
+    """Tall and wide matrices in one Newton–Schulz batch, its matrices split round-robin across two
+    ranks: every rank ends with the single-process weights and the full momentum."""
+    import torch.multiprocessing as mp
+
+    from tests.test_optim import _free_port, _problem
+    mp.spawn(_fused_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    params, grads = _problem()
+    opt = _run_fused_muon(params, grads)
+    assert opt._plan(opt.param_groups[0]).fused
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for a, b in zip(result["params"], params):
+            torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-6)
+        for a, p in zip(result["buffers"], params):
+            assert torch.equal(a, opt.state[p]["momentum_buffer"])
