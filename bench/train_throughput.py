@@ -163,23 +163,27 @@ def write_headline(path: Path, record: dict) -> None:
     os.replace(tmp, path)
 
 
-def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5) -> float:
-    """Median wall time of fn() from launch to completion (synchronized before and after)."""
+def _median_ms(fn, device: str, repeats: int = 25, warmup: int = 5, host_only: bool = False) -> float:
+    """Median wall time of fn() from launch to completion (synchronized before and after), or with
+    host_only until fn returns (the host's share: on CUDA the kernels may still be running)."""
     times = []
     for i in range(repeats):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
-        if device == "cuda":
+        if device == "cuda" and not host_only:
             torch.cuda.synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1e3)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return statistics.median(times)
 
 
 def optimizer_step_ms(args) -> dict:
-    """Median time of the hybrid optimizer step alone on the preset with random gradients, of its Muon
+    """Median time of the hybrid optimizer step alone on the preset with random gradients (`host_ms`: until
+    the call returns, the host's share), of its Muon
     and AdamW halves, of Muon and the hybrid step with Muon's PyTorch element-wise passes instead of the
     fused ones (muon_triton, the default on CUDA) and uncaptured (Muon captures its step in a CUDA graph on one
     device by default), of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
@@ -192,7 +196,8 @@ def optimizer_step_ms(args) -> dict:
     opt = build_optimizer(model, cfg.optim)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
-    out = {"name": "hybrid_optimizer_step", "ms": round(_median_ms(opt.step, args.device), 2)}
+    out = {"name": "hybrid_optimizer_step", "ms": round(_median_ms(opt.step, args.device), 2),
+           "host_ms": round(_median_ms(opt.step, args.device, host_only=True), 2)}
     for part, o in opt.optimizers.items():
         out[f"{part}_ms"] = round(_median_ms(o.step, args.device), 2)
     muon = opt.optimizers.get("muon")

@@ -71,7 +71,7 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
     assert recipe["tok_s"] == pytest.approx(2 * 2 * 64 / (recipe["step_ms"] / 1e3), rel=0.01)
     opt = by_name["hybrid_optimizer_step"]
     assert all(opt[f"muon_{v}_ms"] > 0 for v in ("quintic", "gram_ns", "gram"))
-    assert opt["muon_pytorch_passes_ms"] > 0 and opt["hybrid_pytorch_passes_ms"] > 0 and opt["muon_uncaptured_ms"] > 0
+    assert 0 < opt["host_ms"] and opt["muon_pytorch_passes_ms"] > 0 and opt["hybrid_pytorch_passes_ms"] > 0 and opt["muon_uncaptured_ms"] > 0
     assert opt["ns_gflop"] > 0 and opt["elementwise_gb"] > 0 and "ns_floor_ms_at_peak" not in opt  # no peak on CPU
     # --json-out: the headline, every key present, null where this run measured nothing
     head = json.loads((tmp_path / "results.json").read_text())
