@@ -48,6 +48,18 @@ class _Plan:
     batches: list[list[list[Tensor]]]
 
 
+def _shape_views(batch: list[list[Tensor]], stack: Tensor, partial: Tensor | None = None):
+    """Per shape of a Newton–Schulz batch: its matrices, their (n, rows, cols) view of the batch's (N, r, c)
+    stack (transposed for a tall shape) and their rows of `partial`."""
+    at = 0
+    for members in batch:
+        n = len(members)
+        part = stack[at:at + n]
+        yield members, (part.mT if members[0].shape[0] > members[0].shape[1] else part), (
+            None if partial is None else partial[at:at + n])
+        at += n
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.01, ns_steps: int = 5, ns_variant: str = "gram_ns",
@@ -136,23 +148,16 @@ class Muon(torch.optim.Optimizer):
             count = sum(len(members) for members in batch)
             update = torch.empty(count, r, c, dtype=newton_schulz.ns_dtype(first.device), device=first.device)
             partial = torch.empty(count, muon_triton.tiles(r, c), dtype=torch.float32, device=first.device)
-            at = 0
-            for members in batch:
-                n, tall = len(members), members[0].shape[0] > members[0].shape[1]
-                view = update[at:at + n].mT if tall else update[at:at + n]
+            for members, view, part in _shape_views(batch, update, partial):
                 table = next(grad_tables) if grad_tables is not None else pointer_table([p.grad for p in members])
-                muon_triton.momentum(table, members[0].grad.dtype, self._momentum_stack(members), view,
-                                     partial[at:at + n], group["momentum"], group["nesterov"])
-                at += n
+                muon_triton.momentum(table, members[0].grad.dtype, self._momentum_stack(members), view, part,
+                                     group["momentum"], group["nesterov"])
             muon_triton.normalize(update, partial, newton_schulz.NORM_EPS)
             ortho = self._orthogonalize(update, group, offset, normalized=True)
-            at = 0
-            for members in batch:
-                n, (rows, cols) = len(members), members[0].shape
-                view = ortho[at:at + n].mT if rows > cols else ortho[at:at + n]
+            for members, view, _ in _shape_views(batch, ortho):
+                rows, cols = members[0].shape
                 muon_triton.apply_update(pointer_table(members), members[0].dtype, view, lr,
                                          group["weight_decay"], math.sqrt(max(1.0, rows / cols)))
-                at += n
             offset += count
 
     def _lr_slots(self, device: torch.device) -> Tensor:

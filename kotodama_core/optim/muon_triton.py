@@ -51,14 +51,20 @@ def supported(params: list[Tensor], grads: list[Tensor]) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _muon_momentum_kernel(GRADS, BUF, U, PARTIAL, rows, cols, su_n, su_r, su_c, mu,
-                              NESTEROV: tl.constexpr, GRAD_BF16: tl.constexpr, TILE: tl.constexpr):
-        m = tl.program_id(0)
+    def _tile(rows, cols, TILE: tl.constexpr):
+        """This program's TILE × TILE tile of a rows × cols matrix (tiles row-major along axis 1 of the
+        grid): its row and column indices and the in-bounds mask."""
         tile = tl.program_id(1)
         tiles_c = tl.cdiv(cols, TILE)
         r = (tile // tiles_c) * TILE + tl.arange(0, TILE)
         c = (tile % tiles_c) * TILE + tl.arange(0, TILE)
-        ok = (r < rows)[:, None] & (c < cols)[None, :]
+        return r, c, (r < rows)[:, None] & (c < cols)[None, :]
+
+    @triton.jit
+    def _muon_momentum_kernel(GRADS, BUF, U, PARTIAL, rows, cols, su_n, su_r, su_c, mu,
+                              NESTEROV: tl.constexpr, GRAD_BF16: tl.constexpr, TILE: tl.constexpr):
+        m = tl.program_id(0)
+        r, c, ok = _tile(rows, cols, TILE)
         offs = r[:, None] * cols + c[None, :]
         grad_type = tl.bfloat16 if GRAD_BF16 else tl.float32
         g = tl.load(tl.load(GRADS + m).to(tl.pointer_type(grad_type)) + offs, mask=ok, other=0.0).to(tl.float32)
@@ -71,7 +77,7 @@ if triton is not None:
             u = buf.to(U.dtype.element_ty)
         tl.store(U + m.to(tl.int64) * su_n + r[:, None] * su_r + c[None, :] * su_c, u, mask=ok)
         uf = u.to(tl.float32)
-        tl.store(PARTIAL + m * tl.num_programs(1) + tile, tl.sum(tl.sum(uf * uf, axis=1), axis=0))
+        tl.store(PARTIAL + m * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(uf * uf, axis=1), axis=0))
 
     @triton.jit
     def _muon_normalize_kernel(U, PARTIAL, numel, num_parts, eps, PARTS: tl.constexpr, BLOCK: tl.constexpr):
@@ -89,11 +95,7 @@ if triton is not None:
     def _muon_apply_kernel(PARAMS, O, LR, rows, cols, so_n, so_r, so_c, weight_decay, scale,
                            PARAM_BF16: tl.constexpr, TILE: tl.constexpr):
         m = tl.program_id(0)
-        tile = tl.program_id(1)
-        tiles_c = tl.cdiv(cols, TILE)
-        r = (tile // tiles_c) * TILE + tl.arange(0, TILE)
-        c = (tile % tiles_c) * TILE + tl.arange(0, TILE)
-        ok = (r < rows)[:, None] & (c < cols)[None, :]
+        r, c, ok = _tile(rows, cols, TILE)
         o = tl.load(O + m.to(tl.int64) * so_n + r[:, None] * so_r + c[None, :] * so_c, mask=ok, other=0.0)
         param_type = tl.bfloat16 if PARAM_BF16 else tl.float32
         w_at = tl.load(PARAMS + m).to(tl.pointer_type(param_type)) + r[:, None] * cols + c[None, :]
