@@ -34,8 +34,12 @@ def _inputs(num_sources: int, reads: int, dim: int, seed: int):
     return done, queries, gains
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("num_sources, reads, dim", [(1, 3, 32), (3, 4, 48), (5, 7, 64), (6, 18, 64), (8, 2, 32)])
-def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim):
+def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim, one_pass, monkeypatch):
+    """Both backward forms: one pass (the sources and their gradients in registers, as at few sources)
+    and two passes (as at many)."""
+    monkeypatch.setattr(attnres_triton, "ONE_PASS_FLOATS_PER_THREAD", 64 if one_pass else 0)
     done, queries, gains = _inputs(num_sources, reads, dim, seed=num_sources)
     mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
     mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
@@ -54,18 +58,27 @@ def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_triton_mix_stored_in_bf16_matches_pytorch_within_bf16_rounding():
+def test_split_mixes_hold_fp32_precision_and_take_bf16_gradients():
+    """Under autocast the mixes are hi + lo in bf16: the value is within 2⁻¹⁴ of the PyTorch mix,
+    relative (where plain bf16 is 2⁻⁸), hi is what autograd sees, and the gradients
+    that come back through it are the PyTorch ones up to the bf16 rounding of the mix gradient."""
     done, queries, gains = _inputs(4, 6, 64, seed=11)
     mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
-    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS, torch.bfloat16)
-    assert all(m.dtype == torch.bfloat16 for m in mixes) and all(x.dtype == torch.float32 for x in lses)
-    torch.testing.assert_close(torch.stack(mixes).float(), mix_ref, rtol=1e-2, atol=1e-2)
+    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS, split=True)
+    assert all(isinstance(m, attnres_triton.SplitMix) for m in mixes)
+    assert all(m.hi.dtype == m.lo.dtype == torch.bfloat16 for m in mixes) and all(x.dtype == torch.float32 for x in lses)
+    assert all(m.hi.requires_grad and not m.lo.requires_grad for m in mixes)
+    value = torch.stack([attnres_triton.mix_value(m) for m in mixes])
+    # per element, what lo leaves of hi's rounding error: 2⁻¹⁶ of the value rounding to nearest (CUDA),
+    # 2⁻¹⁴ truncating (the interpreter), beside the fp32 kernel's own 1e-5; plain bf16 is 2⁻⁸ at best
+    assert ((value - mix_ref).abs() <= 2 ** -14 * mix_ref.abs() + 1e-5).all()
+    assert (torch.stack([m.hi.float() for m in mixes]) - mix_ref).abs().max() > 2 ** -12 * mix_ref.abs().max()
     torch.testing.assert_close(torch.stack(lses), lse_ref, rtol=1e-5, atol=1e-5)
     g = torch.Generator().manual_seed(7)
     up_mix = torch.randn(mix_ref.shape, generator=g).to(DEVICE)
     params = [*done, queries, gains]
     want = torch.autograd.grad((mix_ref * up_mix).sum(), params)
-    got = torch.autograd.grad((torch.stack(mixes).float() * up_mix).sum(), params)
+    got = torch.autograd.grad((value * up_mix).sum(), params)
     for w, h in zip(want, got):
         assert (h - w).norm() <= 1e-2 * w.norm()
 
@@ -133,6 +146,34 @@ def test_fused_residual_add_and_merge_read_match_pytorch(delta_dtype, sum_used_l
         assert a.dtype == b.dtype, name
         tol = 1e-4 if b.dtype == torch.float32 else 1e-2  # bf16 gradients: a rounding step apart at most
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
+
+
+def test_fused_merge_read_of_a_split_mix_matches_pytorch_on_its_value():
+    """A SplitMix read by the merge kernel: y as PyTorch makes it from hi + lo, and a bf16 gradient for hi
+    (the PyTorch mix gradient, rounded); the other gradients as with an fp32 mix."""
+    g = torch.Generator().manual_seed(23)
+    dim = 48
+    mix = torch.randn(2, 11, dim, generator=g)
+    hi = mix.to(torch.bfloat16)
+    lo = (mix - hi.float()).to(torch.bfloat16)
+    tensors = [torch.randn(2, 11, generator=g), 2 * torch.randn(2, 11, dim, generator=g),
+               torch.randn(dim, generator=g), torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5]
+    hi = hi.to(DEVICE).requires_grad_()
+    lo = lo.to(DEVICE)
+    leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
+    lse, partial, query, read_gain, norm_weight = leaves
+    value = (hi.detach().float() + lo.float()).requires_grad_()
+    want = merged_read_norm(value, lse, partial, query, read_gain, 1e-5, norm_weight, 1e-6)
+    got = attnres_triton.merged_read_norm_triton(attnres_triton.SplitMix(hi, lo), lse, partial, query, read_gain,
+                                                 1e-5, norm_weight, 1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(want.shape, generator=g).to(DEVICE)
+    ref = torch.autograd.grad((want * upstream).sum(), [value, *leaves])
+    grads = torch.autograd.grad((got * upstream).sum(), [hi, *leaves])
+    assert grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(grads[0].float(), ref[0], rtol=1e-2, atol=1e-2)
+    for name, a, b in zip(("lse", "partial", "query", "read_gain", "norm_weight"), grads[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_fused_merge_read_norm_writes_the_requested_dtype():
@@ -267,8 +308,9 @@ def test_phase_one_read_is_captured_and_replayed_by_a_cuda_graph():
     gains = (torch.rand(reads, dim, generator=g) + 0.5).cuda().requires_grad_()
 
     def run():
-        mixes, lses = attnres_triton.completed_sources_mix_triton(static, queries, gains, EPS, torch.bfloat16)
-        loss = sum((m.float() * (i + 1)).sum() for i, m in enumerate(mixes)) + sum(x.sum() for x in lses)
+        mixes, lses = attnres_triton.completed_sources_mix_triton(static, queries, gains, EPS, split=True)
+        loss = (sum((attnres_triton.mix_value(m) * (i + 1)).sum() for i, m in enumerate(mixes))
+                + sum(x.sum() for x in lses))
         return torch.autograd.grad(loss, [*static, queries])
 
     side = torch.cuda.Stream()
