@@ -31,7 +31,8 @@ is not a dependency):
     far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
     *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
                                 (torch.autograd.backward: no loss kernels in the timing)
-at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to) and
+at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to),
+--one-pass-floats choice (when the backward runs in one pass) and
 --mix-modes for the project: fp32 mixes and gradients (no autocast), or split mixes (bf16 hi + lo, 4
 bytes, with bf16 gradients: the model's choice under autocast). Each row gives the traffic floor of a
 one-pass implementation and the time it implies at --bandwidth GB/s:
@@ -46,6 +47,7 @@ so the gap can be placed on the kernel that has it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -220,7 +222,8 @@ def phase_one_ops(args, g: torch.Generator) -> None:
 
     mix_op, mix_bwd_op = torch.ops.kotodama.attnres_block_mix, torch.ops.kotodama.attnres_block_mix_backward
     results = {}
-    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD))
+    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD),
+                attnres_triton.ONE_PASS_FLOATS_PER_THREAD)
     for mode in args.mix_modes.split(","):
         split = {"split": True, "fp32": False}[mode]
         g_mixes = [x if split else x.float() for x in grad_mixes]
@@ -228,11 +231,12 @@ def phase_one_ops(args, g: torch.Generator) -> None:
         # their gradients are read at 2 bytes (split) or 4 (fp32)
         extra_fwd = r_count * n * d * 2
         extra_bwd = 0 if split else r_count * n * d * 2
-        for spec in args.mix_warps.split(","):
+        for spec, one_pass in itertools.product(args.mix_warps.split(","), args.one_pass_floats.split(",")):
             fwd_w, bwd_w, unroll = (int(x) for x in spec.split("/"))
             attnres_triton.MIX_FORWARD.update(warps=fwd_w, unroll_reads=unroll)
             attnres_triton.MIX_BACKWARD.update(warps=bwd_w)
-            tag = f"{mode}_w{fwd_w}/{bwd_w}_u{unroll}"
+            attnres_triton.ONE_PASS_FLOATS_PER_THREAD = int(one_pass)
+            tag = f"{mode}_w{fwd_w}/{bwd_w}_u{unroll}_p{one_pass}"
             mixes, _lows, lse, logits = mix_op(sources, folded, EPS, split)
             results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, split),
                                                 floor_fwd + extra_fwd)
@@ -250,6 +254,7 @@ def phase_one_ops(args, g: torch.Generator) -> None:
                                                     floor_fwd + floor_bwd + extra_fwd + extra_bwd)
     attnres_triton.MIX_FORWARD.update(defaults[0])
     attnres_triton.MIX_BACKWARD.update(defaults[1])
+    attnres_triton.ONE_PASS_FLOATS_PER_THREAD = defaults[2]
     try:
         from flash_attn_res.ops import phase_1 as far
     except ImportError as exc:
@@ -301,6 +306,9 @@ def main() -> None:
     ap.add_argument("--mix-warps", default="1/1/8,1/1/0,2/2/8",
                     help="phase1_ops: launch choices of the phase-1 kernels, forward warps/backward warps/"
                          "reads unrolled up to (0: never)")
+    ap.add_argument("--one-pass-floats", default=str(attnres_triton.ONE_PASS_FLOATS_PER_THREAD) if attnres_triton.triton else "64",
+                    help="phase1_ops: comma list of attnres_triton.ONE_PASS_FLOATS_PER_THREAD to time (the backward "
+                         "runs in one pass when S_PAD·BLOCK_D / threads is at most this; 0: always two passes)")
     ap.add_argument("--mix-modes", default="fp32,split",
                     help="phase1_ops: how the mixes are stored (fp32: as without autocast; split: bf16 hi + lo, "
                          "bf16 gradients, as the model stores them under autocast)")

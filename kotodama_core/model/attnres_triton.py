@@ -97,7 +97,9 @@ if triton is not None:
         """Row n of the r-th (N, D) tensor (bf16 or fp32) whose address is TABLE[r] (a runtime index, so
         the read loops stay loops: unrolled, the compiler keeps every read's addresses live and spills)."""
         element = tl.bfloat16 if BF16 else tl.float32
-        return tl.load(TABLE + r).to(tl.pointer_type(element)) + n * D
+        # Torch's buffers start 16-byte aligned (the launcher assumes as much of pointer arguments); an
+        # address read from the table carries no such fact, and without it every access is scalar.
+        return tl.multiple_of(tl.load(TABLE + r).to(tl.pointer_type(element)), 16) + n * D
 
     @triton.jit
     def _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, MIX_LO, LOGITS, LSE, N, D,
@@ -253,12 +255,15 @@ if triton is not None:
         ctx.eps = eps
         ctx.mix_dtype = torch.bfloat16 if split else torch.float32
         ctx.mark_non_differentiable(lows, logits)
+        # Autograd would otherwise fill a zero gradient for every output without one: lows alone is
+        # R·N·D bf16 of zeros a block, written and never read. _backward fills in the few it needs.
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_mixes, _grad_lows, grad_lse, _grad_logits):
         folded_queries, lse, logits, *sources = ctx.saved_tensors
         n, d = sources[0].shape
         grad_mixes = [lse.new_zeros((n, d), dtype=ctx.mix_dtype) if g is None else g.to(ctx.mix_dtype)
-                      for g in grad_mixes]
+                      for g in (grad_mixes or [None] * folded_queries.shape[0])]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
         grad_sources, grad_q = attnres_block_mix_backward(list(sources), folded_queries, logits, lse,
                                                           grad_mixes, grad_lse, ctx.eps)
