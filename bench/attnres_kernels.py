@@ -31,8 +31,7 @@ is not a dependency):
     far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
     *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
                                 (torch.autograd.backward: no loss kernels in the timing)
-at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to),
---one-pass-floats choice (when the backward runs in one pass) and
+at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to) and
 --mix-modes for the project: fp32 mixes and gradients (no autocast), or split mixes (bf16 hi + lo, 4
 bytes, with bf16 gradients: the model's choice under autocast). Each row gives the traffic floor of a
 one-pass implementation and the time it implies at --bandwidth GB/s:
@@ -47,7 +46,6 @@ so the gap can be placed on the kernel that has it.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -150,24 +148,25 @@ def merge(args, g: torch.Generator) -> None:
     call = (mix, lse, partial, query, gain, EPS, weight, EPS, torch.bfloat16)
     compiled = torch.compile(merged_read_norm)
     compiled_norm = torch.compile(lambda x, w: rms_norm(x, w, EPS).to(torch.bfloat16))
-    def shaped(forward: str, backward: str):
-        def run():
-            for target, spec in ((attnres_triton.MERGE_FORWARD, forward), (attnres_triton.MERGE_BACKWARD, backward)):
-                rows, warps = (int(x) for x in spec.split("x"))
-                target.update(rows=rows, warps=warps)
-            return attnres_triton.merged_read_norm_triton(*call)
-        return run
-
-    variants = {f"triton_{spec}": shaped(*spec.split("/")) for spec in args.merge_shapes.split(",")}
     # the mix as the model passes it under autocast: hi + lo in bf16, its gradient bf16
     hi = mix.detach().to(torch.bfloat16)
     split_mix = attnres_triton.SplitMix(hi.requires_grad_(), (mix.detach() - hi.float()).to(torch.bfloat16))
     split_call = (split_mix, *call[1:])
+
+    def shaped(shape: str, args_):
+        forward, backward = shape.split("/")
+
+        def run():
+            for target, spec in ((attnres_triton.MERGE_FORWARD, forward), (attnres_triton.MERGE_BACKWARD, backward)):
+                rows, warps = (int(x) for x in spec.split("x"))
+                target.update(rows=rows, warps=warps)
+            return attnres_triton.merged_read_norm_triton(*args_)
+        return run
+
+    variants = {}
     for spec in args.merge_shapes.split(","):
-        def run_split(spec=spec):
-            shaped(*spec.split("/"))()
-            return attnres_triton.merged_read_norm_triton(*split_call)
-        variants[f"triton_split_{spec}"] = run_split
+        variants[f"triton_{spec}"] = shaped(spec, call)
+        variants[f"triton_split_{spec}"] = shaped(spec, split_call)
     variants.update({
         "compiled": lambda: compiled(*call),
         "eager": lambda: merged_read_norm(*call),
@@ -222,8 +221,7 @@ def phase_one_ops(args, g: torch.Generator) -> None:
 
     mix_op, mix_bwd_op = torch.ops.kotodama.attnres_block_mix, torch.ops.kotodama.attnres_block_mix_backward
     results = {}
-    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD),
-                attnres_triton.ONE_PASS_FLOATS_PER_THREAD)
+    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD))
     for mode in args.mix_modes.split(","):
         split = {"split": True, "fp32": False}[mode]
         g_mixes = [x if split else x.float() for x in grad_mixes]
@@ -231,12 +229,11 @@ def phase_one_ops(args, g: torch.Generator) -> None:
         # their gradients are read at 2 bytes (split) or 4 (fp32)
         extra_fwd = r_count * n * d * 2
         extra_bwd = 0 if split else r_count * n * d * 2
-        for spec, one_pass in itertools.product(args.mix_warps.split(","), args.one_pass_floats.split(",")):
+        for spec in args.mix_warps.split(","):
             fwd_w, bwd_w, unroll = (int(x) for x in spec.split("/"))
             attnres_triton.MIX_FORWARD.update(warps=fwd_w, unroll_reads=unroll)
             attnres_triton.MIX_BACKWARD.update(warps=bwd_w)
-            attnres_triton.ONE_PASS_FLOATS_PER_THREAD = int(one_pass)
-            tag = f"{mode}_w{fwd_w}/{bwd_w}_u{unroll}_p{one_pass}"
+            tag = f"{mode}_w{fwd_w}/{bwd_w}_u{unroll}"
             mixes, _lows, lse, logits = mix_op(sources, folded, EPS, split)
             results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, split),
                                                 floor_fwd + extra_fwd)
@@ -254,7 +251,6 @@ def phase_one_ops(args, g: torch.Generator) -> None:
                                                     floor_fwd + floor_bwd + extra_fwd + extra_bwd)
     attnres_triton.MIX_FORWARD.update(defaults[0])
     attnres_triton.MIX_BACKWARD.update(defaults[1])
-    attnres_triton.ONE_PASS_FLOATS_PER_THREAD = defaults[2]
     try:
         from flash_attn_res.ops import phase_1 as far
     except ImportError as exc:
@@ -306,9 +302,6 @@ def main() -> None:
     ap.add_argument("--mix-warps", default="1/1/8,1/1/0,2/2/8",
                     help="phase1_ops: launch choices of the phase-1 kernels, forward warps/backward warps/"
                          "reads unrolled up to (0: never)")
-    ap.add_argument("--one-pass-floats", default=str(attnres_triton.ONE_PASS_FLOATS_PER_THREAD) if attnres_triton.triton else "64",
-                    help="phase1_ops: comma list of attnres_triton.ONE_PASS_FLOATS_PER_THREAD to time (the backward "
-                         "runs in one pass when S_PAD·BLOCK_D / threads is at most this; 0: always two passes)")
     ap.add_argument("--mix-modes", default="fp32,split",
                     help="phase1_ops: how the mixes are stored (fp32: as without autocast; split: bf16 hi + lo, "
                          "bf16 gradients, as the model stores them under autocast)")

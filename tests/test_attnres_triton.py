@@ -34,12 +34,8 @@ def _inputs(num_sources: int, reads: int, dim: int, seed: int):
     return done, queries, gains
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
 @pytest.mark.parametrize("num_sources, reads, dim", [(1, 3, 32), (3, 4, 48), (5, 7, 64), (6, 18, 64), (8, 2, 32)])
-def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim, one_pass, monkeypatch):
-    """Both backward forms: one pass (the sources and their gradients in registers, as at few sources)
-    and two passes (as at many)."""
-    monkeypatch.setattr(attnres_triton, "ONE_PASS_FLOATS_PER_THREAD", 64 if one_pass else 0)
+def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim):
     done, queries, gains = _inputs(num_sources, reads, dim, seed=num_sources)
     mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
     mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
@@ -234,7 +230,11 @@ def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
+def test_compiled_bf16_model_with_kernels_is_as_close_to_fp32_as_pytorch_reads():
+    """Compiled under bf16 autocast, the model with the kernels (split mixes, bf16 mix gradients) against
+    the same model with the PyTorch reads: both against the fp32 model, each parameter's gradient from
+    the kernels at most twice as far from fp32 as PyTorch's is (two bf16 runs differ elementwise by their
+    own rounding, so they are not compared with each other)."""
     from kotodama_core.model import KotodamaConfig, KotodamaLM
 
     cfg = KotodamaConfig(hidden_size=128, num_layers=6, num_attention_heads=2, num_kv_heads=1, head_dim=64,
@@ -243,7 +243,7 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda")
     results = {}
-    for use_kernels in (False, True):
+    for use_kernels, autocast in ((False, False), (False, True), (True, True)):
         torch.manual_seed(1)
         model = KotodamaLM(cfg, device="cuda")
         with torch.no_grad():
@@ -251,13 +251,18 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
                 if name.endswith("res_query"):
                     p.normal_(0.0, 0.5)
         model.attn_res_runtime = AttnResRuntime(kernels=use_kernels)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss, _ = torch.compile(model)(ids[:, :-1], ids[:, 1:])
         loss.backward()
-        results[use_kernels] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=2e-2, atol=2e-2)
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, rtol=5e-2, atol=5e-3, msg=name)
+        results[use_kernels, autocast] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    (exact_loss, exact), (torch_loss, torch_bf16), (kernel_loss, kernels_bf16) = (
+        results[False, False], results[False, True], results[True, True])
+    assert abs(kernel_loss - exact_loss) <= 2 * abs(torch_loss - exact_loss) + 1e-3
+    for name, grad in exact.items():
+        scale = grad.norm() + 1e-12
+        torch_err = ((torch_bf16[name] - grad).norm() / scale).item()
+        kernel_err = ((kernels_bf16[name] - grad).norm() / scale).item()
+        assert kernel_err <= 2 * torch_err + 1e-3, (name, kernel_err, torch_err)
 
 
 def test_pointer_table_is_built_on_the_device_once_per_set_of_buffers():
