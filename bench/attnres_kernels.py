@@ -17,28 +17,26 @@ Times are CUDA-event medians of --repeats after --warmup (wall time of the calls
 and `gpu_fwd_bwd_ms`, the summed kernel time of one forward+backward under torch.profiler (what the
 kernels cost inside a training step, where launches overlap with GPU work); each variant's outputs and
 gradients are compared with eager (max |difference|). The triton merge variant runs at each launch shape
-of --merge-shapes (forward rows×warps / backward rows×warps), with an fp32 mix and with a split one
-(triton_split_*, as under autocast). `bytes_min` is the traffic a one-pass implementation cannot avoid
+of --merge-shapes (forward rows×warps / backward rows×warps). `bytes_min` is the traffic a one-pass implementation cannot avoid
 (phase 1 forward: read S sources, write R mixes; backward adds reading them and the R mix gradients and
 writing S source gradients; merge forward: read mix and p, write y; backward: read mix, p and gy, write
 the mix and p gradients), so `gb_s` = bytes_min / time says how close a variant comes to bandwidth.
 The default phase-1 shape is block 4 of proxy-108m (layers 12–20: 4 completed sources, 18 reads) at
 8 × 4096.
 
-phase1_ops (the operators alone) beside flash-attn-res 0.1.12 when it is importable (carry its wheel; it
-is not a dependency):
+phase1_ops (the operators alone, mixes stored in bf16 as the model stores them under autocast) beside
+flash-attn-res 0.1.12 when it is importable (carry its wheel; it is not a dependency):
     project_fwd / project_bwd   kotodama::attnres_block_mix and its backward op (+ the S ∂q̃ matmuls)
     far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
     *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
                                 (torch.autograd.backward: no loss kernels in the timing)
 at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to) and
---mix-modes for the project: fp32 mixes and gradients (no autocast), or split mixes (bf16 hi + lo, 4
-bytes, with bf16 gradients: the model's choice under autocast). Each row gives the traffic floor of a
-one-pass implementation and the time it implies at --bandwidth GB/s:
+--mix-dtypes (fp32 mixes as the model keeps them, bf16 as flash-attn-res writes them) for the project. Each row gives the
+traffic floor of a one-pass implementation and the time it implies at --bandwidth GB/s:
     forward  floor = S·N·D·4 (read fp32 sources) + R·N·D·m (write the mixes, m bytes each) + R·N·4 (lse)
-    backward floor = S·N·D·4 (read sources) + R·N·D·g (read mix gradients, g bytes each) + 2·R·N·4 (read
-                     lse and its gradient) + S·N·D·4 (write source gradients)
-(m = 4 and g = 4 for fp32, m = 4 and g = 2 for split; flash-attn-res's rows use m = g = 2, bf16 mixes).
+    backward floor = S·N·D·4 (read sources) + R·N·D·m (read mix gradients) + 2·R·N·4 (read lse and its
+                     gradient) + S·N·D·4 (write source gradients)
+(m = 2 for bf16 mixes, 4 for fp32; flash-attn-res's rows use m = 2).
 and `over_floor` = measured / floor time, plus `kernels`: each CUDA kernel's time in one call (profiler),
 so the gap can be placed on the kernel that has it.
 """
@@ -148,25 +146,15 @@ def merge(args, g: torch.Generator) -> None:
     call = (mix, lse, partial, query, gain, EPS, weight, EPS, torch.bfloat16)
     compiled = torch.compile(merged_read_norm)
     compiled_norm = torch.compile(lambda x, w: rms_norm(x, w, EPS).to(torch.bfloat16))
-    # the mix as the model passes it under autocast: hi + lo in bf16, its gradient bf16
-    hi = mix.detach().to(torch.bfloat16)
-    split_mix = attnres_triton.SplitMix(hi.requires_grad_(), (mix.detach() - hi.float()).to(torch.bfloat16))
-    split_call = (split_mix, *call[1:])
-
-    def shaped(shape: str, args_):
-        forward, backward = shape.split("/")
-
+    def shaped(forward: str, backward: str):
         def run():
             for target, spec in ((attnres_triton.MERGE_FORWARD, forward), (attnres_triton.MERGE_BACKWARD, backward)):
                 rows, warps = (int(x) for x in spec.split("x"))
                 target.update(rows=rows, warps=warps)
-            return attnres_triton.merged_read_norm_triton(*args_)
+            return attnres_triton.merged_read_norm_triton(*call)
         return run
 
-    variants = {}
-    for spec in args.merge_shapes.split(","):
-        variants[f"triton_{spec}"] = shaped(spec, call)
-        variants[f"triton_split_{spec}"] = shaped(spec, split_call)
+    variants = {f"triton_{spec}": shaped(*spec.split("/")) for spec in args.merge_shapes.split(",")}
     variants.update({
         "compiled": lambda: compiled(*call),
         "eager": lambda: merged_read_norm(*call),
@@ -222,33 +210,31 @@ def phase_one_ops(args, g: torch.Generator) -> None:
     mix_op, mix_bwd_op = torch.ops.kotodama.attnres_block_mix, torch.ops.kotodama.attnres_block_mix_backward
     results = {}
     defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD))
-    for mode in args.mix_modes.split(","):
-        split = {"split": True, "fp32": False}[mode]
-        g_mixes = [x if split else x.float() for x in grad_mixes]
-        # the floors of this mode: the mixes are written at 4 bytes either way (fp32, or bf16 hi + lo);
-        # their gradients are read at 2 bytes (split) or 4 (fp32)
-        extra_fwd = r_count * n * d * 2
-        extra_bwd = 0 if split else r_count * n * d * 2
+    for dtype_name in args.mix_dtypes.split(","):
+        mix_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        g_mixes = [x.to(mix_dtype) for x in grad_mixes]
+        # the floors with this mix dtype: the R mixes and their gradients at its width
+        extra = r_count * n * d * (mix_dtype.itemsize - 2)
         for spec in args.mix_warps.split(","):
             fwd_w, bwd_w, unroll = (int(x) for x in spec.split("/"))
             attnres_triton.MIX_FORWARD.update(warps=fwd_w, unroll_reads=unroll)
             attnres_triton.MIX_BACKWARD.update(warps=bwd_w)
-            tag = f"{mode}_w{fwd_w}/{bwd_w}_u{unroll}"
-            mixes, _lows, lse, logits = mix_op(sources, folded, EPS, split)
-            results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, split),
-                                                floor_fwd + extra_fwd)
+            tag = f"{dtype_name}_w{fwd_w}/{bwd_w}_u{unroll}"
+            mixes, lse, logits = mix_op(sources, folded, EPS, mix_dtype)
+            results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, mix_dtype),
+                                                floor_fwd + extra)
             results[f"project_bwd_{tag}"] = row(f"project_bwd_{tag}", lambda: mix_bwd_op(
-                sources, folded, logits, lse, g_mixes, grad_lse, EPS), floor_bwd + extra_bwd)
+                sources, folded, logits, lse, g_mixes, grad_lse, EPS), floor_bwd + extra)
             leaves = [v.detach().clone().requires_grad_() for v in sources]
             q_leaf = folded.detach().clone().requires_grad_()
 
             def project_both():
                 for x in (*leaves, q_leaf):
                     x.grad = None  # no accumulation kernels in the timing
-                m, _lo, l, _ = mix_op(leaves, q_leaf, EPS, split)
+                m, l, _ = mix_op(leaves, q_leaf, EPS, mix_dtype)
                 torch.autograd.backward([*m, l], [*g_mixes, grad_lse])
             results[f"project_fwd_bwd_{tag}"] = row(f"project_fwd_bwd_{tag}", project_both,
-                                                    floor_fwd + floor_bwd + extra_fwd + extra_bwd)
+                                                    floor_fwd + floor_bwd + 2 * extra)
     attnres_triton.MIX_FORWARD.update(defaults[0])
     attnres_triton.MIX_BACKWARD.update(defaults[1])
     try:
@@ -259,7 +245,7 @@ def phase_one_ops(args, g: torch.Generator) -> None:
     far_fwd = far._phase_1_batched_attention_forward_with_aux_triton_op
     far_bwd = far._batched_attention_backward_triton_op
     outs, lses, inv_rms, far_logits = far_fwd(stacked, folded, EPS)
-    mixes, _lows, lse, _ = mix_op(sources, folded, EPS, False)
+    mixes, lse, _ = mix_op(sources, folded, EPS, torch.bfloat16)
 
     def same_mix():  # both compute the same function: mixes and lse agree
         return max((outs.view(r_count, n, d).float() - torch.stack(mixes).float()).abs().max().item(),
@@ -278,13 +264,13 @@ def phase_one_ops(args, g: torch.Generator) -> None:
         torch.autograd.backward([o, l], [grad_mix_far, grad_lse_far])
     results["far_fwd_bwd"] = row("far_fwd_bwd", far_both, floor_fwd + floor_bwd)
     summary = {"section": "phase1_ops", "summary": True}
-    for mode in args.mix_modes.split(","):
-        mine = {k: v for k, v in results.items() if k.startswith(f"project_fwd_bwd_{mode}_")}
+    for dtype_name in args.mix_dtypes.split(","):
+        mine = {k: v for k, v in results.items() if k.startswith(f"project_fwd_bwd_{dtype_name}_")}
         best = min((v, k) for k, v in mine.items())
-        summary[f"best_{mode}"] = best[1]
-        summary[f"{mode}_over_far_fwd_bwd"] = round(best[0] / results["far_fwd_bwd"], 3)
+        summary[f"best_{dtype_name}"] = best[1]
+        summary[f"{dtype_name}_over_far_fwd_bwd"] = round(best[0] / results["far_fwd_bwd"], 3)
         tag = best[1][len("project_fwd_bwd_"):]
-        summary[f"{mode}_ops_over_far_ops"] = round(
+        summary[f"{dtype_name}_ops_over_far_ops"] = round(
             (results[f"project_fwd_{tag}"] + results[f"project_bwd_{tag}"]) / (results["far_fwd"] + results["far_bwd"]), 3)
     print(json.dumps(summary), flush=True)
 
@@ -302,9 +288,8 @@ def main() -> None:
     ap.add_argument("--mix-warps", default="1/1/8,1/1/0,2/2/8",
                     help="phase1_ops: launch choices of the phase-1 kernels, forward warps/backward warps/"
                          "reads unrolled up to (0: never)")
-    ap.add_argument("--mix-modes", default="fp32,split",
-                    help="phase1_ops: how the mixes are stored (fp32: as without autocast; split: bf16 hi + lo, "
-                         "bf16 gradients, as the model stores them under autocast)")
+    ap.add_argument("--mix-dtypes", default="fp32,bf16",
+                    help="phase1_ops: mix dtypes to time (fp32: as the model stores them; bf16: as flash-attn-res)")
     ap.add_argument("--bandwidth", type=float, default=4300.0,
                     help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",

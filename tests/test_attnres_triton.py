@@ -54,27 +54,18 @@ def test_triton_mix_matches_pytorch_forward_and_backward(num_sources, reads, dim
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_split_mixes_hold_fp32_precision_and_take_bf16_gradients():
-    """Under autocast the mixes are hi + lo in bf16: the value is within 2⁻¹⁴ of the PyTorch mix,
-    relative (where plain bf16 is 2⁻⁸), hi is what autograd sees, and the gradients
-    that come back through it are the PyTorch ones up to the bf16 rounding of the mix gradient."""
+def test_triton_mix_stored_in_bf16_matches_pytorch_within_bf16_rounding():
     done, queries, gains = _inputs(4, 6, 64, seed=11)
     mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
-    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS, split=True)
-    assert all(isinstance(m, attnres_triton.SplitMix) for m in mixes)
-    assert all(m.hi.dtype == m.lo.dtype == torch.bfloat16 for m in mixes) and all(x.dtype == torch.float32 for x in lses)
-    assert all(m.hi.requires_grad and not m.lo.requires_grad for m in mixes)
-    value = torch.stack([attnres_triton.mix_value(m) for m in mixes])
-    # per element, what lo leaves of hi's rounding error: 2⁻¹⁶ of the value rounding to nearest (CUDA),
-    # 2⁻¹⁴ truncating (the interpreter), beside the fp32 kernel's own 1e-5; plain bf16 is 2⁻⁸ at best
-    assert ((value - mix_ref).abs() <= 2 ** -14 * mix_ref.abs() + 1e-5).all()
-    assert (torch.stack([m.hi.float() for m in mixes]) - mix_ref).abs().max() > 2 ** -12 * mix_ref.abs().max()
+    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS, torch.bfloat16)
+    assert all(m.dtype == torch.bfloat16 for m in mixes) and all(x.dtype == torch.float32 for x in lses)
+    torch.testing.assert_close(torch.stack(mixes).float(), mix_ref, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(torch.stack(lses), lse_ref, rtol=1e-5, atol=1e-5)
     g = torch.Generator().manual_seed(7)
     up_mix = torch.randn(mix_ref.shape, generator=g).to(DEVICE)
     params = [*done, queries, gains]
     want = torch.autograd.grad((mix_ref * up_mix).sum(), params)
-    got = torch.autograd.grad((value * up_mix).sum(), params)
+    got = torch.autograd.grad((torch.stack(mixes).float() * up_mix).sum(), params)
     for w, h in zip(want, got):
         assert (h - w).norm() <= 1e-2 * w.norm()
 
@@ -144,34 +135,6 @@ def test_fused_residual_add_and_merge_read_match_pytorch(delta_dtype, sum_used_l
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=name)
 
 
-def test_fused_merge_read_of_a_split_mix_matches_pytorch_on_its_value():
-    """A SplitMix read by the merge kernel: y as PyTorch makes it from hi + lo, and a bf16 gradient for hi
-    (the PyTorch mix gradient, rounded); the other gradients as with an fp32 mix."""
-    g = torch.Generator().manual_seed(23)
-    dim = 48
-    mix = torch.randn(2, 11, dim, generator=g)
-    hi = mix.to(torch.bfloat16)
-    lo = (mix - hi.float()).to(torch.bfloat16)
-    tensors = [torch.randn(2, 11, generator=g), 2 * torch.randn(2, 11, dim, generator=g),
-               torch.randn(dim, generator=g), torch.rand(dim, generator=g) + 0.5, torch.rand(dim, generator=g) + 0.5]
-    hi = hi.to(DEVICE).requires_grad_()
-    lo = lo.to(DEVICE)
-    leaves = [t.to(DEVICE).requires_grad_() for t in tensors]
-    lse, partial, query, read_gain, norm_weight = leaves
-    value = (hi.detach().float() + lo.float()).requires_grad_()
-    want = merged_read_norm(value, lse, partial, query, read_gain, 1e-5, norm_weight, 1e-6)
-    got = attnres_triton.merged_read_norm_triton(attnres_triton.SplitMix(hi, lo), lse, partial, query, read_gain,
-                                                 1e-5, norm_weight, 1e-6)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    upstream = torch.randn(want.shape, generator=g).to(DEVICE)
-    ref = torch.autograd.grad((want * upstream).sum(), [value, *leaves])
-    grads = torch.autograd.grad((got * upstream).sum(), [hi, *leaves])
-    assert grads[0].dtype == torch.bfloat16
-    torch.testing.assert_close(grads[0].float(), ref[0], rtol=1e-2, atol=1e-2)
-    for name, a, b in zip(("lse", "partial", "query", "read_gain", "norm_weight"), grads[1:], ref[1:]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
-
-
 def test_fused_merge_read_norm_writes_the_requested_dtype():
     g = torch.Generator().manual_seed(3)
     mix, partial = (torch.randn(2, 9, 32, generator=g).to(DEVICE) for _ in range(2))
@@ -230,11 +193,7 @@ def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_compiled_bf16_model_with_kernels_is_as_close_to_fp32_as_pytorch_reads():
-    """Compiled under bf16 autocast, the model with the kernels (split mixes, bf16 mix gradients) against
-    the same model with the PyTorch reads: both against the fp32 model, each parameter's gradient from
-    the kernels at most twice as far from fp32 as PyTorch's is (two bf16 runs differ elementwise by their
-    own rounding, so they are not compared with each other)."""
+def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
     from kotodama_core.model import KotodamaConfig, KotodamaLM
 
     cfg = KotodamaConfig(hidden_size=128, num_layers=6, num_attention_heads=2, num_kv_heads=1, head_dim=64,
@@ -243,7 +202,7 @@ def test_compiled_bf16_model_with_kernels_is_as_close_to_fp32_as_pytorch_reads()
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda")
     results = {}
-    for use_kernels, autocast in ((False, False), (False, True), (True, True)):
+    for use_kernels in (False, True):
         torch.manual_seed(1)
         model = KotodamaLM(cfg, device="cuda")
         with torch.no_grad():
@@ -251,18 +210,13 @@ def test_compiled_bf16_model_with_kernels_is_as_close_to_fp32_as_pytorch_reads()
                 if name.endswith("res_query"):
                     p.normal_(0.0, 0.5)
         model.attn_res_runtime = AttnResRuntime(kernels=use_kernels)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = torch.compile(model)(ids[:, :-1], ids[:, 1:])
         loss.backward()
-        results[use_kernels, autocast] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    (exact_loss, exact), (torch_loss, torch_bf16), (kernel_loss, kernels_bf16) = (
-        results[False, False], results[False, True], results[True, True])
-    assert abs(kernel_loss - exact_loss) <= 2 * abs(torch_loss - exact_loss) + 1e-3
-    for name, grad in exact.items():
-        scale = grad.norm() + 1e-12
-        torch_err = ((torch_bf16[name] - grad).norm() / scale).item()
-        kernel_err = ((kernels_bf16[name] - grad).norm() / scale).item()
-        assert kernel_err <= 2 * torch_err + 1e-3, (name, kernel_err, torch_err)
+        results[use_kernels] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=2e-2, atol=2e-2)
+    for name, grad in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], grad, rtol=5e-2, atol=5e-3, msg=name)
 
 
 def test_pointer_table_is_built_on_the_device_once_per_set_of_buffers():
@@ -285,6 +239,25 @@ def test_pointer_table_is_built_on_the_device_once_per_set_of_buffers():
     assert len(pointer_table.TABLES) == keep
     assert pointer_table.pointer_table(bufs) is not table  # evicted, rebuilt
     assert pointer_table.pointer_table(bufs).tolist() == [b.data_ptr() for b in bufs]
+
+
+def test_mix_gradients_at_unaligned_offsets_are_read_right():
+    """The kernels read the mix gradients through addresses they take to be 16-byte aligned (for vector
+    loads); a gradient that is a view 4 bytes into a buffer is copied first, not misread (on CUDA such a
+    vector load fails outright)."""
+    done, queries, gains = _inputs(3, 4, 32, seed=31)
+    mixes, _ = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
+    g = torch.Generator().manual_seed(8)
+    upstream = [torch.randn(m.shape, generator=g).to(DEVICE) for m in mixes]
+    backing = torch.zeros(len(mixes) * mixes[0].numel() + 1, device=DEVICE)
+    shifted = [backing[1 + i * m.numel():1 + (i + 1) * m.numel()].view(m.shape) for i, m in enumerate(mixes)]
+    for view, up in zip(shifted, upstream):
+        view.copy_(up)
+    assert all(v.data_ptr() % 16 == 4 for v in shifted[:1])
+    want = torch.autograd.grad(mixes, done, upstream, retain_graph=True)
+    got = torch.autograd.grad(mixes, done, shifted)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_repeated_reads_reuse_tables_and_stay_right():
@@ -313,9 +286,8 @@ def test_phase_one_read_is_captured_and_replayed_by_a_cuda_graph():
     gains = (torch.rand(reads, dim, generator=g) + 0.5).cuda().requires_grad_()
 
     def run():
-        mixes, lses = attnres_triton.completed_sources_mix_triton(static, queries, gains, EPS, split=True)
-        loss = (sum((attnres_triton.mix_value(m) * (i + 1)).sum() for i, m in enumerate(mixes))
-                + sum(x.sum() for x in lses))
+        mixes, lses = attnres_triton.completed_sources_mix_triton(static, queries, gains, EPS, torch.bfloat16)
+        loss = sum((m.float() * (i + 1)).sum() for i, m in enumerate(mixes)) + sum(x.sum() for x in lses)
         return torch.autograd.grad(loss, [*static, queries])
 
     side = torch.cuda.Stream()

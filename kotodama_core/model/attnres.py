@@ -161,10 +161,9 @@ class ReadSpec(NamedTuple):
 
 
 class BlockReads(NamedTuple):
-    """Phase 1 of one block: each read's mix of the completed sources (a tensor, or from the kernels under
-    autocast an attnres_triton.SplitMix) and its logsumexp, by read key."""
+    """Phase 1 of one block: each read's mix of the completed sources and its logsumexp, by read key."""
 
-    mix: tuple[Any, ...]
+    mix: tuple[Tensor, ...]
     lse: tuple[Tensor, ...]
     index: dict[tuple[str, int], int]
 
@@ -191,11 +190,9 @@ def open_block(done: list[Tensor], keys: list[tuple[str, int]], params: list[tup
     gains = torch.stack([n.weight for _, n in params])
     eps = params[0][1].eps
     if runtime.kernels and attnres_triton.available(done[0]):
-        # Not plain bf16 mixes: the merge's p − mix cancels, and the routing parameters' gradients came
-        # out several times further from fp32 than the PyTorch bf16 path's. Split mixes (hi + lo) keep
-        # fp32's precision there; their gradients are bf16 like every other activation gradient.
-        split = activation_dtype(done[0]) != torch.float32
-        mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps, split)
+        # The mixes stay float32: in bf16, the merge's p − mix cancels and the routing parameters'
+        # gradients came out several times further from fp32 than the PyTorch bf16 path's.
+        mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps)
     else:
         mix, lse = phase_one(done, queries, gains, eps)
     if isinstance(mix, Tensor):
@@ -218,22 +215,19 @@ def read_spec(block: BlockReads | None, done: list[Tensor], key: tuple[str, int]
     r = block.index[key]
     if opens_block:  # the block's first read sees only completed sources
         return ReadSpec("first", block.mix[r], query, norm, key)
-    kernels = runtime.kernels and attnres_triton.available(block.lse[r])
+    kernels = runtime.kernels and attnres_triton.available(block.mix[r])
     return ReadSpec("merge", (block.mix[r], block.lse[r]), query, norm, key, kernels)
 
 
 def apply_read(spec: ReadSpec, partial: Tensor | None, stream_dtype: torch.dtype, rec: dict | None) -> Tensor:
     """Evaluate one read; with `rec`, per-read weights are recorded under rec["attn_res_weights"]."""
-    from kotodama_core.model import attnres_triton
-
     if spec.mode == "plain":
         return partial
     if spec.mode == "first":
-        return attnres_triton.mix_value(spec.inputs).to(stream_dtype)
+        return spec.inputs.to(stream_dtype)
     if spec.mode == "merge":
         mix, lse = spec.inputs
-        return open_block_read(attnres_triton.mix_value(mix), lse, partial, spec.query, spec.norm.weight,
-                               spec.norm.eps)
+        return open_block_read(mix, lse, partial, spec.query, spec.norm.weight, spec.norm.eps)
     sources = [partial] if spec.mode == "single" else spec.inputs + ([partial] if partial is not None else [])
     if rec is None:
         return attn_res_read(sources, spec.query, spec.norm.weight, spec.norm.eps)

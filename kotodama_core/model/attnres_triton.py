@@ -7,16 +7,13 @@ queries q̃_r = g_r∘q_r (R, D):
     w_rs = exp(ℓ_rs − lse_r),          mix_r = Σ_s w_rs·v_s.
 One program (one warp, so every reduction stays inside the warp) holds one token's S source rows in
 registers: each source is read once per block in forward, the R mixes are written once each, and the
-sources and mixes are passed as tuples of tensors, so nothing is stacked or unstacked. Under bf16
-autocast each mix is written as two bf16 terms, hi + lo (SplitMix): the merge reads it as precisely as
-fp32 at the same cost, and its gradient (through hi) is bf16, half of fp32's traffic in backward. The
-logits ℓ are kept (S·R per token) for backward, with G_r = ∂L/∂mix_r and γ_r = ∂L/∂lse_r:
-    a_rs = ⟨G_r, v_s⟩,   ∂ℓ_rs = w_rs·(a_rs − Σ_s' w_rs'·a_rs') + γ_r·w_rs,   c_s = Σ_r ∂ℓ_rs·ℓ_rs,
-    ∂v_s = Σ_r w_rs·G_r + inv_s·Σ_r ∂ℓ_rs·q̃_r − (inv_s²/D)·c_s·v_s,
-    ∂q̃_r = Σ_n Σ_s (∂ℓ_rs·inv_s)·v_s      (the kernel writes the coefficients; S matmuls reduce over n).
-The backward runs in two passes over the R reads: the logit gradients with the sources in registers,
-then the source gradients with the gradients in registers (reading each G_r twice, the second time
-mostly from cache).
+sources and mixes are passed as tuples of tensors, so nothing is stacked or unstacked. The logits ℓ are
+kept (S·R per token) for backward, which runs in two passes over the R reads, with G_r = ∂L/∂mix_r and
+γ_r = ∂L/∂lse_r:
+    pass 1 (sources in registers):  a_rs = ⟨G_r, v_s⟩,   ∂ℓ_rs = w_rs·(a_rs − Σ_s' w_rs'·a_rs') + γ_r·w_rs,
+                                    c_s = Σ_r ∂ℓ_rs·ℓ_rs
+    pass 2 (gradients in registers): ∂v_s = Σ_r w_rs·G_r + inv_s·Σ_r ∂ℓ_rs·q̃_r − (inv_s²/D)·c_s·v_s
+    ∂q̃_r = Σ_n Σ_s (∂ℓ_rs·inv_s)·v_s      (the kernel writes the coefficients; S matmuls reduce over n)
 Phase 2 and the consuming layer's RMSNorm run as one kernel per read (attnres.merged_read_norm), with
 the folded query q̃ = g∘q, the norm weight w and, per token, the open block's sum p, the phase-1 mix m
 and lse:
@@ -34,8 +31,6 @@ against it (on CUDA, or on the CPU under TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
@@ -49,25 +44,6 @@ except ImportError:  # the CPU-only install has no Triton; callers check `availa
 
 # Sources per block that the kernels take: one warp holds S_PAD × D floats per token in registers.
 MAX_SOURCES = 8
-
-
-class SplitMix(NamedTuple):
-    """A phase-1 mix stored as two bfloat16 terms, value = hi + lo (lo: hi's rounding error, rounded), so
-    about 16 significant bits against bf16's 8: the merge's p − mix keeps its precision at fp32's 4 bytes
-    per element, while the gradient, taken through hi alone (lo is constant to autograd), is bf16 and
-    costs half of fp32's traffic in backward."""
-
-    hi: Tensor
-    lo: Tensor
-
-    def value(self) -> Tensor:
-        """hi + lo in float32."""
-        return self.hi.float() + self.lo.float()
-
-
-def mix_value(mix: Tensor | SplitMix) -> Tensor:
-    """A phase-1 mix as one tensor (float32 for a SplitMix)."""
-    return mix.value() if isinstance(mix, SplitMix) else mix
 
 
 def available(tensor: Tensor) -> bool:
@@ -101,47 +77,42 @@ if triton is not None:
         return tl.multiple_of(tl.load(TABLE + r).to(tl.pointer_type(element)), 16) + n * D
 
     @triton.jit
-    def _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, MIX_LO, LOGITS, LSE, N, D,
-                      S: tl.constexpr, SPLIT: tl.constexpr):
+    def _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D,
+                      S: tl.constexpr, MIX_BF16: tl.constexpr):
         q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
         logit = tl.where(s_ok, tl.sum(v * q[None, :], axis=1) * inv, float("-inf"))
         top = tl.max(logit, axis=0)
         e = tl.exp(logit - top)
         total = tl.sum(e, axis=0)
         mix = tl.sum((e / total)[:, None] * v, axis=0)
-        row = _row_pointer(MIX_TABLE, r, n, D, SPLIT)
-        if SPLIT:  # mix = hi + lo, two bf16 terms (the rounding error of hi, rounded)
-            hi = mix.to(tl.bfloat16)
-            tl.store(row + d, hi, mask=d_ok)
-            tl.store(MIX_LO + (r * N + n) * D + d, (mix - hi.to(tl.float32)).to(tl.bfloat16), mask=d_ok)
-        else:
-            tl.store(row + d, mix, mask=d_ok)
+        row = _row_pointer(MIX_TABLE, r, n, D, MIX_BF16)
+        tl.store(row + d, mix.to(row.dtype.element_ty), mask=d_ok)
         tl.store(LOGITS + (r * N + n) * S + s, logit, mask=s_ok)  # (R, N, S): a token's S logits side by side
         tl.store(LSE + r * N + n, top + tl.log(total))
 
     @triton.jit
-    def _mix_forward_kernel(SRC, GQ, MIX_TABLE, MIX_LO, LOGITS, LSE, N, D, eps,
+    def _mix_forward_kernel(SRC, GQ, MIX_TABLE, LOGITS, LSE, N, D, eps,
                             S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                            SPLIT: tl.constexpr, UNROLL: tl.constexpr):
+                            MIX_BF16: tl.constexpr, UNROLL: tl.constexpr):
         n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
         if UNROLL:  # every read's loads and stores in flight together (few reads)
             for r in tl.static_range(R):
-                _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, MIX_LO, LOGITS, LSE, N, D, S, SPLIT)
+                _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D, S, MIX_BF16)
         else:
             for r in tl.range(0, R):
-                _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, MIX_LO, LOGITS, LSE, N, D, S, SPLIT)
+                _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D, S, MIX_BF16)
 
     @triton.jit
     def _mix_backward_kernel(SRC, GQ, LOGITS, LSE, GRAD_MIX_TABLE, GRAD_LSE, GRAD_SRC, COEF, N, D, eps,
                              S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                             SPLIT: tl.constexpr):
+                             MIX_BF16: tl.constexpr):
         n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
         # Pass 1: the logit gradients of every read, written as coefficients ∂ℓ_rs·inv_s.
         norm_term = tl.zeros((S_PAD,), dtype=tl.float32)
         for r in tl.range(0, R):
             logit = tl.load(LOGITS + (r * N + n) * S + s, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
-            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, SPLIT) + d, mask=d_ok, other=0.0).to(tl.float32)
+            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
             a = tl.sum(v * g[None, :], axis=1)
             grad_logit = w * (a - tl.sum(w * a, axis=0)) + tl.load(GRAD_LSE + r * N + n) * w
             tl.store(COEF + (s * R + r) * N + n, grad_logit * inv, mask=s_ok)
@@ -154,7 +125,7 @@ if triton is not None:
             logit = tl.load(LOGITS + (r * N + n) * S + s, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
             coef = tl.load(COEF + (s * R + r) * N + n, mask=s_ok, other=0.0)
-            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, SPLIT) + d, mask=d_ok, other=0.0).to(tl.float32)
+            g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
             q = tl.load(GQ + r * D + d, mask=d_ok, other=0.0)
             grad_v += w[:, None] * g[None, :] + coef[:, None] * q[None, :]
         for k in tl.static_range(S):
@@ -167,15 +138,19 @@ if triton is not None:
     # (--mix-warps) times the choices.
     # The forward kernel unrolls its loop over the reads up to this many reads.
     MIX_FORWARD = {"warps": 1, "unroll_reads": 8}
-    # The backward runs in two passes over the reads even where one would fit (sources and source
-    # gradients both in registers, S ≤ 4): at 223 registers a thread that one ran 0.91 ms against the
-    # two passes' 0.70 (S 4, R 18, 32,768 tokens, H200), as a third of the warps fit on an SM.
+    # The backward keeps two passes over the reads even where one would fit (sources and source
+    # gradients both in registers, S ≤ 4): at 223 registers a thread, one pass ran 0.91 ms against the two
+    # passes' 0.70 (S 4, R 18, 32,768 tokens, bf16 mix gradients, H200), as fewer warps fit on an SM.
     MIX_BACKWARD = {"warps": 1}
 
-    def _mix_meta(num_sources: int, num_reads: int, dim: int, split: bool, warps: int = 1) -> dict:
-        s_pad = max(2, triton.next_power_of_2(num_sources))
-        block_d = triton.next_power_of_2(dim)
-        return {"S": num_sources, "R": num_reads, "S_PAD": s_pad, "BLOCK_D": block_d, "SPLIT": split,
+    def _aligned(t: Tensor) -> Tensor:
+        return t if t.data_ptr() % 16 == 0 else t.clone()
+
+    def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype, warps: int = 1) -> dict:
+        if mix_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the AttnRes mixes are stored in float32 or bfloat16, not {mix_dtype}")
+        return {"S": num_sources, "R": num_reads, "S_PAD": max(2, triton.next_power_of_2(num_sources)),
+                "BLOCK_D": triton.next_power_of_2(dim), "MIX_BF16": mix_dtype == torch.bfloat16,
                 "num_warps": warps}
 
     # Opaque custom operators (their kernels take tuples of tensors, which the traced triton_op path
@@ -184,29 +159,22 @@ if triton is not None:
 
     @torch.library.custom_op("kotodama::attnres_block_mix", mutates_args=())
     def attnres_block_mix(sources: list[Tensor], folded_queries: Tensor, eps: float,
-                          split: bool) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
-        """(mixes, lows, lse, logits). split=False: the R mixes in float32, lows empty. split=True: each
-        mix as hi + lo in bfloat16, mixes[r] = hi (the differentiable term, so its gradient is bf16) and
-        lows[r] = lo, (R, N, D), not differentiable."""
+                          mix_dtype: torch.dtype) -> tuple[list[Tensor], Tensor, Tensor]:
         n, d = sources[0].shape
         r = folded_queries.shape[0]
-        dtype = torch.bfloat16 if split else torch.float32
-        mixes = [torch.empty((n, d), dtype=dtype, device=sources[0].device) for _ in range(r)]
-        lows = torch.empty((r, n, d) if split else (0,), dtype=torch.bfloat16, device=sources[0].device)
+        mixes = [torch.empty((n, d), dtype=mix_dtype, device=sources[0].device) for _ in range(r)]
         logits = torch.empty((r, n, len(sources)), dtype=torch.float32, device=sources[0].device)
         lse = torch.empty((r, n), dtype=torch.float32, device=sources[0].device)
-        _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), lows if split else lse,
-                                  logits, lse, n, d, eps, UNROLL=r <= MIX_FORWARD["unroll_reads"],
-                                  **_mix_meta(len(sources), r, d, split, MIX_FORWARD["warps"]))
-        return mixes, lows, lse, logits
+        _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), logits, lse, n, d, eps,
+                                  UNROLL=r <= MIX_FORWARD["unroll_reads"],
+                                  **_mix_meta(len(sources), r, d, mix_dtype, MIX_FORWARD["warps"]))
+        return mixes, lse, logits
 
     @attnres_block_mix.register_fake
-    def _(sources, folded_queries, eps, split):
+    def _(sources, folded_queries, eps, mix_dtype):
         n, d = sources[0].shape
         r = folded_queries.shape[0]
-        dtype = torch.bfloat16 if split else torch.float32
-        return ([sources[0].new_empty((n, d), dtype=dtype) for _ in range(r)],
-                sources[0].new_empty((r, n, d) if split else (0,), dtype=torch.bfloat16),
+        return ([sources[0].new_empty((n, d), dtype=mix_dtype) for _ in range(r)],
                 sources[0].new_empty((r, n), dtype=torch.float32),
                 sources[0].new_empty((r, n, len(sources)), dtype=torch.float32))
 
@@ -214,16 +182,17 @@ if triton is not None:
     def attnres_block_mix_backward(sources: list[Tensor], folded_queries: Tensor, logits: Tensor, lse: Tensor,
                                    grad_mixes: list[Tensor], grad_lse: Tensor,
                                    eps: float) -> tuple[list[Tensor], Tensor]:
-        """(∂sources, ∂q̃); the mix gradients are float32, or bfloat16 for split mixes."""
         n, d = sources[0].shape
         r = folded_queries.shape[0]
         grad_sources = [torch.empty_like(v) for v in sources]
         coef = torch.empty((len(sources), r, n), dtype=torch.float32, device=sources[0].device)
-        split = grad_mixes[0].dtype == torch.bfloat16
-        grad_mixes = [g.contiguous() for g in grad_mixes]
+        mix_dtype = grad_mixes[0].dtype
+        # _row_pointer declares every table address 16-byte aligned; a gradient that is a view at an odd
+        # offset is copied so that the declaration holds.
+        grad_mixes = [_aligned(g.to(mix_dtype).contiguous()) for g in grad_mixes]
         _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
                                    tuple(grad_sources), coef, n, d, eps,
-                                   **_mix_meta(len(sources), r, d, split, MIX_BACKWARD["warps"]))
+                                   **_mix_meta(len(sources), r, d, mix_dtype, MIX_BACKWARD["warps"]))
         grad_q = coef[0] @ sources[0].float()
         for k in range(1, len(sources)):
             grad_q = grad_q + coef[k] @ sources[k].float()
@@ -234,20 +203,20 @@ if triton is not None:
         return [torch.empty_like(v) for v in sources], torch.empty_like(folded_queries)
 
     def _setup_context(ctx, inputs, output):
-        sources, folded_queries, eps, split = inputs
-        _mixes, lows, lse, logits = output
+        sources, folded_queries, eps, mix_dtype = inputs
+        _mixes, lse, logits = output
         ctx.save_for_backward(folded_queries, lse, logits, *sources)
         ctx.eps = eps
-        ctx.mix_dtype = torch.bfloat16 if split else torch.float32
-        ctx.mark_non_differentiable(lows, logits)
-        # Autograd would otherwise fill a zero gradient for every output without one: lows alone is
-        # R·N·D bf16 of zeros a block, written and never read. _backward fills in the few it needs.
+        ctx.mix_dtype = mix_dtype
+        ctx.mark_non_differentiable(logits)
+        # Autograd would otherwise fill a zero gradient for every output without one (the logits, and a
+        # read whose mix or lse goes unused); _backward fills in the few it needs.
         ctx.set_materialize_grads(False)
 
-    def _backward(ctx, grad_mixes, _grad_lows, grad_lse, _grad_logits):
+    def _backward(ctx, grad_mixes, grad_lse, _grad_logits):
         folded_queries, lse, logits, *sources = ctx.saved_tensors
         n, d = sources[0].shape
-        grad_mixes = [lse.new_zeros((n, d), dtype=ctx.mix_dtype) if g is None else g.to(ctx.mix_dtype)
+        grad_mixes = [lse.new_zeros((n, d), dtype=ctx.mix_dtype) if g is None else g
                       for g in (grad_mixes or [None] * folded_queries.shape[0])]
         grad_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.contiguous()
         grad_sources, grad_q = attnres_block_mix_backward(list(sources), folded_queries, logits, lse,
@@ -257,24 +226,16 @@ if triton is not None:
     attnres_block_mix.register_autograd(_backward, setup_context=_setup_context)
 
     @triton.jit
-    def _load_mix(MIX, MIX_LO, offs, tile, SPLIT: tl.constexpr):
-        """The phase-1 mix tile in fp32: hi + lo for a split mix."""
-        mix = tl.load(MIX + offs, mask=tile, other=0.0).to(tl.float32)
-        if SPLIT:
-            mix += tl.load(MIX_LO + offs, mask=tile, other=0.0).to(tl.float32)
-        return mix
-
-    @triton.jit
-    def _merge_norm_forward_kernel(MIX, MIX_LO, BASE, DELTA, LSE, GQ, WN, Y, P_OUT, SIG, INV_P, RSTD, N, D,
-                                   read_eps, norm_eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                                   HAS_DELTA: tl.constexpr, SPLIT: tl.constexpr):
+    def _merge_norm_forward_kernel(MIX, BASE, DELTA, LSE, GQ, WN, Y, P_OUT, SIG, INV_P, RSTD, N, D, read_eps,
+                                   norm_eps, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   HAS_DELTA: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_D)
         row_ok = rows < N
         col_ok = cols < D
         tile = row_ok[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        mix = _load_mix(MIX, MIX_LO, offs, tile, SPLIT)
+        mix = tl.load(MIX + offs, mask=tile, other=0.0).to(tl.float32)
         p = tl.load(BASE + offs, mask=tile, other=0.0).to(tl.float32)
         if HAS_DELTA:  # the residual add before the read: p = base + delta, written once here
             p += tl.load(DELTA + offs, mask=tile, other=0.0).to(tl.float32)
@@ -292,11 +253,10 @@ if triton is not None:
         tl.store(RSTD + rows, rstd, mask=row_ok)
 
     @triton.jit
-    def _merge_norm_backward_kernel(MIX, MIX_LO, P, GQ, WN, GY, GP_IN, SIG, INV_P, RSTD, GRAD_MIX, GRAD_P,
-                                    GRAD_DELTA, GRAD_LSE, PART_WN, PART_GQ, N, D,
-                                    TILES_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr,
-                                    BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_GRAD_P: tl.constexpr,
-                                    SPLIT: tl.constexpr):
+    def _merge_norm_backward_kernel(MIX, P, GQ, WN, GY, GP_IN, SIG, INV_P, RSTD, GRAD_MIX, GRAD_P, GRAD_DELTA,
+                                    GRAD_LSE, PART_WN, PART_GQ, N, D, TILES_PER_PROGRAM: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
+                                    HAS_GRAD_P: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -309,7 +269,7 @@ if triton is not None:
             row_ok = rows < N
             tile = row_ok[:, None] & col_ok[None, :]
             offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-            mix = _load_mix(MIX, MIX_LO, offs, tile, SPLIT)
+            mix = tl.load(MIX + offs, mask=tile, other=0.0).to(tl.float32)
             p = tl.load(P + offs, mask=tile, other=0.0).to(tl.float32)
             gy = tl.load(GY + offs, mask=tile, other=0.0).to(tl.float32)
             sig = tl.load(SIG + rows, mask=row_ok, other=0.0)
@@ -349,28 +309,26 @@ if triton is not None:
     # the kernel never touches them.
 
     @torch.library.triton_op("kotodama::attnres_merge_norm", mutates_args=())
-    def attnres_merge_norm(mix: Tensor, mix_lo: Tensor | None, lse: Tensor, base: Tensor, delta: Tensor | None,
-                           folded_query: Tensor, norm_weight: Tensor, read_eps: float, norm_eps: float,
+    def attnres_merge_norm(mix: Tensor, lse: Tensor, base: Tensor, delta: Tensor | None, folded_query: Tensor,
+                           norm_weight: Tensor, read_eps: float, norm_eps: float,
                            out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(y, p, σ, inv_p, r); the mix is mix + mix_lo when mix_lo is given (a split mix); p = base + delta
-        when delta is given, else an empty tensor."""
+        """(y, p, σ, inv_p, r); p = base + delta when delta is given, else an empty tensor."""
         n, d = base.shape
         y = torch.empty((n, d), dtype=out_dtype, device=base.device)
         sig, inv_p, rstd = (torch.empty((n,), dtype=torch.float32, device=base.device) for _ in range(3))
         p_out = torch.empty((n, d) if delta is not None else (0,), dtype=base.dtype, device=base.device)
         torch.library.wrap_triton(_merge_norm_forward_kernel)[(triton.cdiv(n, MERGE_FORWARD["rows"]),)](
-            mix, sig if mix_lo is None else mix_lo, base, sig if delta is None else delta, lse, folded_query,
-            norm_weight, y, sig if delta is None else p_out, sig, inv_p, rstd, n, d, read_eps, norm_eps,
-            HAS_DELTA=delta is not None, SPLIT=mix_lo is not None, **_merge_meta(MERGE_FORWARD, d))
+            mix, base, sig if delta is None else delta, lse, folded_query, norm_weight, y,
+            sig if delta is None else p_out, sig, inv_p, rstd, n, d, read_eps, norm_eps,
+            HAS_DELTA=delta is not None, **_merge_meta(MERGE_FORWARD, d))
         return y, p_out, sig, inv_p, rstd
 
     @torch.library.triton_op("kotodama::attnres_merge_norm_backward", mutates_args=())
-    def attnres_merge_norm_backward(mix: Tensor, mix_lo: Tensor | None, p: Tensor, folded_query: Tensor,
-                                    norm_weight: Tensor, grad_y: Tensor, grad_p_in: Tensor | None, sig: Tensor,
-                                    inv_p: Tensor, rstd: Tensor, has_delta: bool,
+    def attnres_merge_norm_backward(mix: Tensor, p: Tensor, folded_query: Tensor, norm_weight: Tensor,
+                                    grad_y: Tensor, grad_p_in: Tensor | None, sig: Tensor, inv_p: Tensor,
+                                    rstd: Tensor, has_delta: bool,
                                     delta_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(∂mix, ∂p, ∂delta, ∂lse, ∂q̃, ∂w); ∂mix in mix's dtype (bf16 for a split mix: the gradient of
-        its hi term); ∂p includes grad_p_in; ∂delta is empty without a delta."""
+        """(∂mix, ∂p, ∂delta, ∂lse, ∂q̃, ∂w); ∂p includes grad_p_in; ∂delta is empty without a delta."""
         n, d = p.shape
         tiles = triton.cdiv(n, MERGE_BACKWARD["rows"])
         tiles_per_program = triton.cdiv(tiles, MERGE_PROGRAMS)
@@ -382,65 +340,59 @@ if triton is not None:
         part_wn = torch.empty((programs, d), dtype=torch.float32, device=p.device)
         part_gq = torch.empty((programs, d), dtype=torch.float32, device=p.device)
         torch.library.wrap_triton(_merge_norm_backward_kernel)[(programs,)](
-            mix, grad_lse if mix_lo is None else mix_lo, p, folded_query, norm_weight, grad_y,
-            grad_lse if grad_p_in is None else grad_p_in, sig, inv_p, rstd, grad_mix, grad_p,
-            grad_delta if has_delta else grad_lse, grad_lse, part_wn, part_gq, n, d, tiles_per_program,
-            HAS_DELTA=has_delta, HAS_GRAD_P=grad_p_in is not None, SPLIT=mix_lo is not None,
+            mix, p, folded_query, norm_weight, grad_y, grad_lse if grad_p_in is None else grad_p_in, sig, inv_p,
+            rstd, grad_mix, grad_p, grad_delta if has_delta else grad_lse, grad_lse, part_wn, part_gq, n, d,
+            tiles_per_program, HAS_DELTA=has_delta, HAS_GRAD_P=grad_p_in is not None,
             **_merge_meta(MERGE_BACKWARD, d))
         return grad_mix, grad_p, grad_delta, grad_lse, part_gq.sum(0), part_wn.sum(0)
 
     def _merge_setup_context(ctx, inputs, output):
-        mix, mix_lo, _lse, base, delta, folded_query, norm_weight, _read_eps, _norm_eps, _out_dtype = inputs
+        mix, _lse, base, delta, folded_query, norm_weight, _read_eps, _norm_eps, _out_dtype = inputs
         _y, p_out, sig, inv_p, rstd = output
-        ctx.save_for_backward(mix, mix_lo, base if delta is None else p_out, folded_query, norm_weight, sig, inv_p,
-                              rstd)
+        ctx.save_for_backward(mix, base if delta is None else p_out, folded_query, norm_weight, sig, inv_p, rstd)
         ctx.delta_dtype = None if delta is None else delta.dtype
         ctx.mark_non_differentiable(sig, inv_p, rstd)
 
     def _merge_backward(ctx, grad_y, grad_p_out, *_stats):
-        mix, mix_lo, p, folded_query, norm_weight, sig, inv_p, rstd = ctx.saved_tensors
+        mix, p, folded_query, norm_weight, sig, inv_p, rstd = ctx.saved_tensors
         has_delta = ctx.delta_dtype is not None
         grad_p_in = grad_p_out.contiguous() if has_delta and grad_p_out is not None else None
         grad_mix, grad_p, grad_delta, grad_lse, grad_q, grad_wn = attnres_merge_norm_backward(
-            mix, mix_lo, p, folded_query, norm_weight, grad_y.contiguous(), grad_p_in, sig, inv_p, rstd, has_delta,
+            mix, p, folded_query, norm_weight, grad_y.contiguous(), grad_p_in, sig, inv_p, rstd, has_delta,
             ctx.delta_dtype or p.dtype)
-        return (grad_mix, None, grad_lse, grad_p, grad_delta if has_delta else None, grad_q, grad_wn,
+        return (grad_mix, grad_lse, grad_p, grad_delta if has_delta else None, grad_q, grad_wn,
                 None, None, None)
 
     attnres_merge_norm.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
 def completed_sources_mix_triton(done: list[Tensor], queries: Tensor, norm_weights: Tensor, eps: float,
-                                 split: bool = False) -> tuple[list[Tensor] | list[SplitMix], list[Tensor]]:
+                                 mix_dtype: torch.dtype = torch.float32) -> tuple[list[Tensor], list[Tensor]]:
     """attnres.completed_sources_mix with the Triton kernels: sources (B, T, D) each, queries and norm
-    gains (R, D). Returns the R mixes (B, T, D) and the R lse (B, T) in float32, as lists. The mixes are
-    float32 tensors, or with `split` SplitMix pairs (the model's choice under bf16 autocast: as precise
-    for the merge as fp32, with bf16 gradients)."""
+    gains (R, D). Returns the R mixes (B, T, D) in mix_dtype (float32 or bfloat16: the model stores them
+    in the autocast dtype, as the matmuls after each read take them) and the R lse (B, T) in float32,
+    as lists."""
     if len(done) > MAX_SOURCES:
         raise ValueError(f"the Triton AttnRes kernels take at most {MAX_SOURCES} sources, got {len(done)}")
     shape = done[0].shape
     sources = [v.reshape(-1, shape[-1]).contiguous() for v in done]
     folded = (norm_weights.float() * queries.float()).contiguous()
-    mixes, lows, lse, _logits = attnres_block_mix(sources, folded, float(eps), split)
-    mixes = [m.view(shape) for m in mixes]
-    if split:
-        mixes = [SplitMix(m, lo.view(shape)) for m, lo in zip(mixes, lows.unbind(0))]
-    return mixes, list(lse.view(-1, *shape[:-1]).unbind(0))
+    mixes, lse, _logits = attnres_block_mix(sources, folded, float(eps), mix_dtype)
+    return [m.view(shape) for m in mixes], list(lse.view(-1, *shape[:-1]).unbind(0))
 
 
-def merged_read_norm_triton(mix: Tensor | SplitMix, lse: Tensor, partial: Tensor, query: Tensor, read_gain: Tensor,
+def merged_read_norm_triton(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, read_gain: Tensor,
                             read_eps: float, norm_weight: Tensor, norm_eps: float,
                             out_dtype: torch.dtype | None = None, delta: Tensor | None = None):
-    """attnres.merged_read_norm (same arguments and result) in one Triton kernel each way: mix (a tensor or
-    a SplitMix), partial (B, T, D), lse (B, T), query, read_gain and norm_weight (D,). With `delta`
-    (B, T, D), the residual add before the read runs in the same kernel: the read is of partial + delta,
-    and the result is (partial + delta, y)."""
+    """attnres.merged_read_norm (same arguments and result) in one Triton kernel each way: mix, partial
+    (B, T, D), lse (B, T), query, read_gain and norm_weight (D,). With `delta` (B, T, D), the residual
+    add before the read runs in the same kernel: the read is of partial + delta, and the result is
+    (partial + delta, y)."""
     shape = partial.shape
     d = shape[-1]
     folded = (read_gain.float() * query.float()).contiguous()
-    hi, lo = (mix.hi, mix.lo.reshape(-1, d).contiguous()) if isinstance(mix, SplitMix) else (mix, None)
     y, p_out, _sig, _inv_p, _rstd = attnres_merge_norm(
-        hi.reshape(-1, d).contiguous(), lo, lse.reshape(-1).contiguous().float(), partial.reshape(-1, d).contiguous(),
+        mix.reshape(-1, d).contiguous(), lse.reshape(-1).contiguous().float(), partial.reshape(-1, d).contiguous(),
         None if delta is None else delta.reshape(-1, d).contiguous(), folded, norm_weight.float().contiguous(),
         float(read_eps), float(norm_eps), out_dtype or partial.dtype)
     if delta is None:
