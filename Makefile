@@ -32,7 +32,7 @@ $(TRITON_DIR)/.installed: | $(VENV)/.installed
 
 test: setup $(TRITON_DIR)/.installed
 	$(PY) -m pytest -q
-	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_DIR) $(PY) -m pytest -q tests/test_attnres_triton.py tests/test_muon_triton.py
+	TRITON_INTERPRET=1 PYTHONPATH=$(TRITON_DIR) $(PY) -m pytest -q tests/test_attnres_triton.py tests/test_muon_triton.py tests/test_kernel_codegen.py
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not stack"
