@@ -31,6 +31,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TOKENS, WIDTH = 8 * 4096, 512
@@ -101,28 +103,34 @@ def attnres_configs():
 
     n, d = ("i32", TOKENS), ("i32", WIDTH)
     for sources, reads in ((1, 6), (4, 18), (6, 7)):
-        s_pad = max(2, 1 << (sources - 1).bit_length())
-        shape = {"S": sources, "R": reads, "S_PAD": s_pad, "BLOCK_D": WIDTH, "MIX_BF16": False}
         src = tuple(["*fp32"] * sources)
+        # the launch parameters the operators themselves pass (attnres_triton._mix_meta)
+        forward = at._mix_meta(sources, reads, WIDTH, torch.float32, at.MIX_FORWARD["warps"])
+        backward = at._mix_meta(sources, reads, WIDTH, torch.float32, at.MIX_BACKWARD["warps"])
+        forward_warps, backward_warps = forward.pop("num_warps"), backward.pop("num_warps")
         yield (f"attnres_mix_forward S{sources} R{reads}", at._mix_forward_kernel,
                {"SRC": src, "GQ": "*fp32", "MIX_TABLE": "*i64", "LOGITS": "*fp32", "LSE": "*fp32", "N": n, "D": d,
-                "eps": "fp32"}, {**shape, "UNROLL": reads <= at.MIX_FORWARD["unroll_reads"]},
-               at.MIX_FORWARD["warps"])
+                "eps": "fp32"}, {**forward, "UNROLL": reads <= at.MIX_FORWARD["unroll_reads"]},
+               forward_warps)
         yield (f"attnres_mix_backward S{sources} R{reads}", at._mix_backward_kernel,
                {"SRC": src, "GQ": "*fp32", "LOGITS": "*fp32", "LSE": "*fp32", "GRAD_MIX_TABLE": "*i64",
                 "GRAD_LSE": "*fp32", "GRAD_SRC": src, "COEF": "*fp32", "N": n, "D": d, "eps": "fp32"},
-               shape, at.MIX_BACKWARD["warps"])
-    rows = {"BLOCK_M": at.MERGE_FORWARD["rows"], "BLOCK_D": WIDTH}
+               backward, backward_warps)
+    forward = at._merge_meta(at.MERGE_FORWARD, WIDTH)
+    forward_warps = forward.pop("num_warps")
     yield ("attnres_merge_forward", at._merge_norm_forward_kernel,
            {"MIX": "*fp32", "BASE": "*fp32", "DELTA": "*bf16", "LSE": "*fp32", "GQ": "*fp32", "WN": "*fp32",
             "Y": "*bf16", "P_OUT": "*fp32", "SIG": "*fp32", "INV_P": "*fp32", "RSTD": "*fp32", "N": n, "D": d,
-            "read_eps": "fp32", "norm_eps": "fp32"}, {**rows, "HAS_DELTA": True}, at.MERGE_FORWARD["warps"])
+            "read_eps": "fp32", "norm_eps": "fp32"}, {**forward, "HAS_DELTA": True}, forward_warps)
+    backward = at._merge_meta(at.MERGE_BACKWARD, WIDTH)
+    backward_warps = backward.pop("num_warps")
+    tiles = -(-TOKENS // at.MERGE_BACKWARD["rows"])
     yield ("attnres_merge_backward", at._merge_norm_backward_kernel,
            {"MIX": "*fp32", "P": "*fp32", "GQ": "*fp32", "WN": "*fp32", "GY": "*bf16", "GP_IN": "*fp32",
             "SIG": "*fp32", "INV_P": "*fp32", "RSTD": "*fp32", "GRAD_MIX": "*fp32", "GRAD_P": "*fp32",
             "GRAD_DELTA": "*bf16", "GRAD_LSE": "*fp32", "PART_WN": "*fp32", "PART_GQ": "*fp32", "N": n, "D": d},
-           {"TILES_PER_PROGRAM": 16, "BLOCK_M": at.MERGE_BACKWARD["rows"], "BLOCK_D": WIDTH, "HAS_DELTA": True,
-            "HAS_GRAD_P": True}, at.MERGE_BACKWARD["warps"])
+           {**backward, "TILES_PER_PROGRAM": -(-tiles // at.MERGE_PROGRAMS), "HAS_DELTA": True, "HAS_GRAD_P": True},
+           backward_warps)
 
 
 def muon_configs():
@@ -134,11 +142,11 @@ def muon_configs():
     yield ("muon_momentum", mt._muon_momentum_kernel,
            {"GRADS": "*i64", "BUF": "*fp32", "U": "*bf16", "PARTIAL": "*fp32", **ints, "su_n": ("i32", rows * cols),
             "su_r": ("i32", cols), "su_c": ("i32", 1), "mu": "fp32"},
-           {"NESTEROV": True, "GRAD_BF16": False, "TILE": mt.TILE}, 8)
+           {"NESTEROV": True, "GRAD_BF16": False, "TILE": mt.TILE}, mt.MOMENTUM_WARPS)
     yield ("muon_apply", mt._muon_apply_kernel,
            {"PARAMS": "*i64", "O": "*bf16", "LR": "*fp32", **ints, "so_n": ("i32", rows * cols),
             "so_r": ("i32", cols), "so_c": ("i32", 1), "weight_decay": "fp32", "scale": "fp32"},
-           {"PARAM_BF16": False, "TILE": mt.TILE}, 4)
+           {"PARAM_BF16": False, "TILE": mt.TILE}, mt.APPLY_WARPS)
 
 
 def main() -> None:

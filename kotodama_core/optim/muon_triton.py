@@ -26,9 +26,11 @@ from kotodama_core.pointer_table import triton
 if triton is not None:
     import triton.language as tl
 
-# Elements per program of the normalize pass; the tile of the momentum and apply passes.
+# Elements per program of the normalize pass; the tile of the momentum and apply passes; warps per
+# program of each pass.
 BLOCK = 4096
 TILE = 64
+MOMENTUM_WARPS, NORMALIZE_WARPS, APPLY_WARPS = 8, 8, 4
 
 
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -117,7 +119,7 @@ def momentum(grad_table: Tensor, grad_dtype: torch.dtype, stack: Tensor, update:
     n, rows, cols = stack.shape
     _muon_momentum_kernel[(n, tiles(rows, cols))](
         grad_table, stack, update, partial, rows, cols, *update.stride(), mu,
-        NESTEROV=nesterov, GRAD_BF16=grad_dtype == torch.bfloat16, TILE=TILE, num_warps=8)
+        NESTEROV=nesterov, GRAD_BF16=grad_dtype == torch.bfloat16, TILE=TILE, num_warps=MOMENTUM_WARPS)
 
 
 def normalize(update: Tensor, partial: Tensor, eps: float) -> None:
@@ -125,7 +127,7 @@ def normalize(update: Tensor, partial: Tensor, eps: float) -> None:
     n, rows, cols = update.shape
     numel, parts = rows * cols, partial.shape[1]
     _muon_normalize_kernel[(n, triton.cdiv(numel, BLOCK))](
-        update, partial, numel, parts, eps, PARTS=triton.next_power_of_2(parts), BLOCK=BLOCK, num_warps=8)
+        update, partial, numel, parts, eps, PARTS=triton.next_power_of_2(parts), BLOCK=BLOCK, num_warps=NORMALIZE_WARPS)
 
 
 def apply_update(param_table: Tensor, param_dtype: torch.dtype, ortho: Tensor, lr: Tensor, weight_decay: float,
@@ -136,4 +138,4 @@ def apply_update(param_table: Tensor, param_dtype: torch.dtype, ortho: Tensor, l
     n, rows, cols = ortho.shape
     _muon_apply_kernel[(n, tiles(rows, cols))](
         param_table, ortho, lr, rows, cols, *ortho.stride(), weight_decay, scale,
-        PARAM_BF16=param_dtype == torch.bfloat16, TILE=TILE, num_warps=4)
+        PARAM_BF16=param_dtype == torch.bfloat16, TILE=TILE, num_warps=APPLY_WARPS)
