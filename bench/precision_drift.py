@@ -5,7 +5,8 @@
 
 Variants: `auto` (the project's default: fp32 weights and states, bf16 autocast on CUDA), `bf16_pure`
 (the original's whole-model bf16 cast, optimizer states included) and `fp8` (auto plus train.fp8: torchao
-float8 matmuls in the hidden linear layers; CUDA and torchao only). Every variant runs once per seed, from
+float8 matmuls in the hidden linear layers; CUDA and torchao only) and `bf16_mix` (auto with the AttnRes
+phase-1 mixes stored in bf16, train.attn_res_mix_dtype activation). Every variant runs once per seed, from
 that seed's initial weights on that seed's batches: a data artifact (--data, shuffled by the seed) or a
 synthetic order-1 Markov chain over the model's vocabulary (4 successors per token, so the loss can fall
 to log 4). Every --every steps it records, per run:
@@ -69,7 +70,8 @@ def artifact_batches(data: Path, cfg, steps: int, seed: int):
 
 def run_one(cfg, variant: str, batches: list[torch.Tensor], device: torch.device, init_state: dict,
             every: int, seed: int, compile_: bool = False, kernels: bool = False) -> list[dict]:
-    model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=kernels)).to(device)
+    runtime = AttnResRuntime(kernels=kernels, mix_precision="activation" if variant == "bf16_mix" else "float32")
+    model = KotodamaLM(cfg.model, attn_res_runtime=runtime).to(device)
     model.load_state_dict(init_state)
     precision = "bf16_pure" if variant == "bf16_pure" else "auto"
     model = apply_precision(model, precision)
@@ -129,7 +131,7 @@ def summarize(rows: list[dict], variants: list[str], seeds: list[int]) -> dict:
     return out
 
 
-VARIANTS = ("auto", "bf16_pure", "fp8")
+VARIANTS = ("auto", "bf16_pure", "fp8", "bf16_mix")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,8 @@ Measurements (--only): ref, project, per_read (AttnRes read source by source, th
 two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.attn_res_kernels), regions (train.compile_scope
 layers: the repeated regions compiled instead of the whole model), recipe (--accum micro-batches per
 optimizer step, as the presets' global batches train on one device), fp8 (train.fp8: torchao float8
-matmuls in the hidden layers; carry the torchao wheel), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
+matmuls in the hidden layers; carry the torchao wheel), bf16_mix (train.attn_res_mix_dtype activation: the
+AttnRes phase-1 mixes stored in bf16), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out, and the device's busy time against its span), profile_no_attnres (the same with AttnRes off).
 """
@@ -351,7 +352,7 @@ def profile_step(args, attn_res: bool = True) -> dict:
     overrides = parse_overrides(args.set) if attn_res else {**parse_overrides(args.set), **attn_res_overrides(False)}
     name = "profile" if attn_res else "profile_no_attnres"
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
-    model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=cfg.train.attn_res_kernels)).to(args.device)
+    model = KotodamaLM(cfg.model, attn_res_runtime=engine.attn_res_runtime(cfg.train)).to(args.device)
     opt = build_optimizer(model, cfg.optim)
     if cfg.train.compile_scope == "layers":
         model.compile_regions()
@@ -477,6 +478,8 @@ def main() -> None:
                                              "_kernels", {"train.attn_res_kernels": True})),
             ("fp8", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                          "_fp8", {"train.fp8": True})),
+            ("bf16_mix", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                              "_bf16_mix", {"train.attn_res_mix_dtype": "activation"})),
             ("no_attnres", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile)),
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),

@@ -146,7 +146,8 @@ def test_fused_merge_read_norm_writes_the_requested_dtype():
     torch.testing.assert_close(got, merged_read_norm(*args).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
 
 
-def _small_model_grads(kernels: bool, autocast: bool, monkeypatch) -> tuple[torch.Tensor, dict]:
+def _small_model_grads(kernels: bool, autocast: bool, monkeypatch,
+                       mix_precision: str = "float32") -> tuple[torch.Tensor, dict]:
     from kotodama_core.model import KotodamaConfig, KotodamaLM
 
     monkeypatch.setattr(attnres_triton, "available", lambda tensor: True)
@@ -155,7 +156,7 @@ def _small_model_grads(kernels: bool, autocast: bool, monkeypatch) -> tuple[torc
                          attn_res=True, attn_res_boundaries=[0, 2, 3])
     ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     torch.manual_seed(1)
-    model = KotodamaLM(cfg, device=DEVICE, attn_res_runtime=AttnResRuntime(kernels=kernels))
+    model = KotodamaLM(cfg, device=DEVICE, attn_res_runtime=AttnResRuntime(kernels=kernels, mix_precision=mix_precision))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("res_query"):
@@ -178,12 +179,14 @@ def test_model_with_kernels_matches_model_without(monkeypatch):
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(monkeypatch):
+@pytest.mark.parametrize("mix_precision", ["float32", "activation"])
+def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(monkeypatch, mix_precision):
     """Under bf16 autocast both paths round differently; the kernels' gradients must stay about as close to
-    the fp32 gradients as the PyTorch bf16 path's are (a few times its error at most, for every tensor)."""
+    the fp32 gradients as the PyTorch bf16 path's are (a few times its error at most, for every tensor),
+    with the mixes stored in fp32 or, on both paths, in bf16."""
     _, exact = _small_model_grads(False, False, monkeypatch)
-    _, torch_bf16 = _small_model_grads(False, True, monkeypatch)
-    _, kernels_bf16 = _small_model_grads(True, True, monkeypatch)
+    _, torch_bf16 = _small_model_grads(False, True, monkeypatch, mix_precision)
+    _, kernels_bf16 = _small_model_grads(True, True, monkeypatch, mix_precision)
     for name, grad in exact.items():
         scale = grad.norm() + 1e-12
         torch_err = ((torch_bf16[name] - grad).norm() / scale).item()
@@ -193,7 +196,8 @@ def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(m
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
+@pytest.mark.parametrize("mix_precision", ["float32", "activation"])
+def test_compiled_bf16_model_with_kernels_matches_pytorch_reads(mix_precision):
     from kotodama_core.model import KotodamaConfig, KotodamaLM
 
     cfg = KotodamaConfig(hidden_size=128, num_layers=6, num_attention_heads=2, num_kv_heads=1, head_dim=64,
@@ -209,7 +213,7 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads():
             for name, p in model.named_parameters():
                 if name.endswith("res_query"):
                     p.normal_(0.0, 0.5)
-        model.attn_res_runtime = AttnResRuntime(kernels=use_kernels)
+        model.attn_res_runtime = AttnResRuntime(kernels=use_kernels, mix_precision=mix_precision)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss, _ = torch.compile(model)(ids[:, :-1], ids[:, 1:])
         loss.backward()

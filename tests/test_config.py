@@ -76,3 +76,15 @@ def test_grad_accum_must_divide():
     with pytest.raises(ValueError, match="not a multiple"):
         cfg.train.grad_accum_steps(3)
 
+
+
+def test_attn_res_mix_dtype_reaches_the_model_runtime_and_a_wrong_value_is_named():
+    from kotodama_core.train.engine import attn_res_runtime
+
+    preset = ROOT / "configs/presets/tiny.yaml"
+    assert attn_res_runtime(load_config(preset).train).mix_precision == "float32"
+    cfg = load_config(preset, ["train.attn_res_mix_dtype=activation", "train.attn_res_kernels=false"])
+    runtime = attn_res_runtime(cfg.train)
+    assert (runtime.mix_precision, runtime.kernels) == ("activation", False)
+    with pytest.raises(ConfigError, match="attn_res_mix_dtype"):
+        load_config(preset, ["train.attn_res_mix_dtype=bfloat16"])

@@ -115,7 +115,7 @@ def merged_read_norm(mix: Tensor, lse: Tensor, partial: Tensor, query: Tensor, r
 
 @dataclass(frozen=True)
 class AttnResRuntime:
-    """How the AttnRes reads run; never changes the result beyond floating-point rounding.
+    """How the AttnRes reads run; none of it changes the result beyond floating-point rounding.
 
     two_phase  evaluate each block's reads in two phases (completed_sources_mix once per block,
                open_block_read per read); False reads every source at every read (attn_res_read), the
@@ -123,10 +123,28 @@ class AttnResRuntime:
     kernels    run phase 1 and each merge read fused with its RMSNorm (and the residual add before it) in
                the Triton kernels of attnres_triton, when the activations are on CUDA and Triton is
                installed; elsewhere the PyTorch formulation runs (train.attn_res_kernels sets it).
+    mix_precision  "float32": phase 1 stores each read's mix in float32; "activation": in the activation
+               dtype (activation_dtype: bf16 under bf16 autocast, else the stream's own dtype), which
+               halves the traffic of the mixes and of their gradients and rounds each mix as the original
+               code rounds each read (train.attn_res_mix_dtype sets it). This one changes the rounding.
     """
 
     two_phase: bool = True
     kernels: bool = False
+    mix_precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.mix_precision not in MIX_PRECISIONS:
+            raise ValueError(f"AttnRes mix_precision must be one of {MIX_PRECISIONS}, got {self.mix_precision!r}")
+
+    def mix_dtype(self, stream: Tensor) -> torch.dtype:
+        """The dtype phase 1 stores the mixes of `stream`'s reads in."""
+        if self.mix_precision == "float32":
+            return torch.promote_types(stream.dtype, torch.float32)
+        return activation_dtype(stream)
+
+
+MIX_PRECISIONS = ("float32", "activation")
 
 
 class OpenSum(NamedTuple):
@@ -189,17 +207,16 @@ def open_block(done: list[Tensor], keys: list[tuple[str, int]], params: list[tup
     queries = torch.stack([q for q, _ in params])
     gains = torch.stack([n.weight for _, n in params])
     eps = params[0][1].eps
+    mix_dtype = runtime.mix_dtype(done[0])
     if runtime.kernels and attnres_triton.available(done[0]):
-        # The mixes stay float32: in bf16, the merge's p − mix cancels and the routing parameters'
-        # gradients came out several times further from fp32 than the PyTorch bf16 path's.
-        mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps)
+        mix, lse = attnres_triton.completed_sources_mix_triton(done, queries, gains, eps, mix_dtype)
     else:
         mix, lse = phase_one(done, queries, gains, eps)
-    if isinstance(mix, Tensor):
         # The PyTorch formulation stacks the reads. One tensor per read: slicing the stack per read
         # would make each read's gradient a full-size zero-padded copy in backward (R of them per
         # block); unbind's backward is one stack. The kernels return one tensor per read already.
-        mix, lse = mix.unbind(0), lse.unbind(0)
+        # The mixes are rounded (their gradients with them) as the kernels store them.
+        mix, lse = mix.to(mix_dtype).unbind(0), lse.unbind(0)
     return BlockReads(tuple(mix), tuple(lse), {k: r for r, k in enumerate(keys)})
 
 

@@ -94,6 +94,10 @@ class TrainConfig(StrictModel):
     # CUDA with Triton installed; elsewhere, or when false, the PyTorch reads. On one H200 they took the
     # proxy-108m step from 142 to 115 ms (bench/RESULTS.md).
     attn_res_kernels: bool = True
+    # The dtype phase 1 of the AttnRes reads stores each read's mix in (attnres.AttnResRuntime):
+    # float32, or activation (bf16 under bf16 autocast), which halves the mixes' traffic and rounds each
+    # mix as the original code rounds each read (bench/RESULTS.md: speed and 200-step loss parity).
+    attn_res_mix_dtype: Literal["float32", "activation"] = "float32"
     nproc: int = 1
     log_every: int = 10
     val_every: int = 0

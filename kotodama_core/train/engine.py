@@ -309,13 +309,18 @@ def default_identity(cfg: RunConfig, data_dir: Path) -> dict[str, Any]:
                               {"data": read_manifest(data_dir).digest})
 
 
+def attn_res_runtime(train_cfg) -> AttnResRuntime:
+    """How the AttnRes reads run, from the train section (attn_res_kernels, attn_res_mix_dtype)."""
+    return AttnResRuntime(kernels=train_cfg.attn_res_kernels, mix_precision=train_cfg.attn_res_mix_dtype)
+
+
 def prepare_run(cfg: RunConfig, data_dir: Path, work: Path, info: DistInfo,
                 init_path: Path | None = None, identity: dict[str, Any] | None = None) -> RunState:
     """Build model, optimizer and loader; resume from the newest checkpoint in `work`, else apply init.
     A checkpoint in `work` written under another run identity is refused (guard.check_checkpoint)."""
     _check_vocab(cfg, data_dir)
     torch.manual_seed(cfg.train.seed)
-    model = KotodamaLM(cfg.model, attn_res_runtime=AttnResRuntime(kernels=cfg.train.attn_res_kernels)).to(info.device)
+    model = KotodamaLM(cfg.model, attn_res_runtime=attn_res_runtime(cfg.train)).to(info.device)
     model = apply_precision(model, cfg.train.precision)  # bf16_pure: the original's whole-model bf16
     loader = _loader_for(cfg, data_dir, info)
     resumed = ckpt.load_latest_checkpoint(work / "checkpoints")
