@@ -136,7 +136,8 @@ def phase_one(args, g: torch.Generator) -> None:
 
 def merge(args, g: torch.Generator) -> None:
     shape = (1, args.tokens, args.dim)
-    mix = torch.randn(shape, device="cuda", generator=g).requires_grad_()
+    mix_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.merge_mix_dtype]
+    mix = torch.randn(shape, device="cuda", generator=g).to(mix_dtype).requires_grad_()
     partial = (2 * torch.randn(shape, device="cuda", generator=g)).requires_grad_()
     lse = torch.randn(shape[:-1], device="cuda", generator=g).requires_grad_()
     query = (0.3 * torch.randn(args.dim, device="cuda", generator=g)).requires_grad_()
@@ -162,8 +163,9 @@ def merge(args, g: torch.Generator) -> None:
     })
     f32, bf16 = 4, 2
     n = args.tokens * args.dim
-    bytes_fwd = n * (2 * f32 + bf16)
-    bytes_both = bytes_fwd + n * (2 * f32 + bf16 + 2 * f32)
+    m = mix_dtype.itemsize
+    bytes_fwd = n * (m + f32 + bf16)
+    bytes_both = bytes_fwd + n * (m + f32 + bf16 + m + f32)
     measure("merge", variants, [mix, lse, partial, query, gain, weight], upstream, bytes_fwd, bytes_both, args)
 
 
@@ -294,6 +296,8 @@ def main() -> None:
                     help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",
                     help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps")
+    ap.add_argument("--merge-mix-dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="the dtype of the phase-1 mix the merge reads (train.attn_res_mix_dtype)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or attnres_triton.triton is None:
         raise SystemExit("needs CUDA and Triton")

@@ -13,7 +13,8 @@ to log 4). Every --every steps it records, per run:
   loss                      the training loss of that step
   gain_moved_frac           fraction of RMSNorm gain elements no longer exactly 1.0
   gain_mean_abs_dev         mean |g − 1| over every RMSNorm gain element
-The summary gives, for the first seed, each variant's final loss and gain numbers and
+Each finished run prints one progress line and, with --out, appends its records there at once. The
+summary gives, for the first seed, each variant's final loss and gain numbers and
 mean_abs_loss_gap_last_10pct = mean over the last 10 % of records of |loss_first − loss_second| for the
 first two variants. With two or more seeds it also gives, per variant, tail_loss = the mean loss over the
 last 10 % of records (averaged over seeds), the run-to-run spread of the first variant
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                       [f"train.micro_batch={args.batch}", f"train.seq_len={args.seq}",
                        f"schedule.warmup_steps={max(1, args.steps // 20)}", *args.set])
     device = torch.device(args.device)
+    out = Path(args.out) if args.out else None
+    if out:
+        out.write_text("")
     rows = []
     for seed in seeds:
         torch.manual_seed(seed)
@@ -168,9 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                   else markov_batches(cfg.model.vocab_size, args.batch, args.seq, args.steps, seed))
         batches = list(source)
         for variant in variants:
-            rows += run_one(cfg, variant, batches, device, init_state, args.every, seed, args.compile, args.kernels)
-    if args.out:
-        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+            started = time.perf_counter()
+            run = run_one(cfg, variant, batches, device, init_state, args.every, seed, args.compile, args.kernels)
+            rows += run
+            # Each run's records are kept as it ends, so a run cut short still leaves the finished ones.
+            if out:
+                with out.open("a") as f:
+                    f.write("".join(json.dumps(r) + "\n" for r in run))
+            print(json.dumps({"variant": variant, "seed": seed, "final_loss": run[-1]["loss"],
+                              "seconds": round(time.perf_counter() - started, 1)}), flush=True)
     summary = {"preset": args.preset, "steps": args.steps, "batch": args.batch, "seq": args.seq,
                "device": str(device), "data": args.data or "markov", "seeds": seeds,
                **summarize(rows, variants, seeds)}

@@ -106,7 +106,9 @@ def test_precision_drift_bench_tiny(tmp_path, markov_data, capsys):
 
     assert drift_main(["--preset", "tiny", "--steps", "6", "--batch", "2", "--seq", "16", "--every", "2",
                        "--set", "model.vocab_size=256", "--device", "cpu", "--out", str(tmp_path / "d.jsonl")]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[-1])
+    assert [json.loads(x)["variant"] for x in lines[:-1]] == ["auto", "bf16_pure"]  # one line per finished run
     assert summary["bf16_pure_gain_moved_frac"] == 0.0 and summary["auto_gain_moved_frac"] > 0.5
     assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 8
     assert drift_main(["--preset", "tiny", "--steps", "2", "--batch", "2", "--data", str(markov_data),
@@ -118,6 +120,11 @@ def test_precision_drift_bench_tiny(tmp_path, markov_data, capsys):
     two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert two["seeds"] == [0, 1] and two["spread"] >= 0
     assert two["bf16_pure_parity"] == (abs(two["bf16_pure_tail_loss"] - two["auto_tail_loss"]) <= two["spread"])
+    # without autocast (the CPU) the activations are fp32, so bf16_mix stores fp32 mixes: the auto run exactly
+    assert drift_main(["--preset", "tiny", "--steps", "3", "--batch", "2", "--seq", "16", "--every", "1",
+                       "--variants", "auto,bf16_mix", "--set", "model.vocab_size=256", "--device", "cpu"]) == 0
+    same = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert same["bf16_mix_loss"] == same["auto_loss"] and same["mean_abs_loss_gap_last_10pct"] == 0.0
 
 
 def test_precision_drift_summary_parity_rule():
