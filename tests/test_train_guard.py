@@ -158,3 +158,26 @@ def test_legacy_checkpoint_compares_only_the_keys_it_recorded(tmp_path):
     with pytest.raises(ResumeRefused, match=r"train.seed: 9 -> 5") as err:
         check_checkpoint({"config": old_config}, now, "checkpoint step 4", tmp_path / "run.partial")
     assert "max_epochs" not in str(err.value)
+
+
+def test_keys_added_since_a_run_began_resume_at_their_defaults_only(tmp_path):
+    """A work folder or checkpoint recorded before a config key existed resumes while the key holds its
+    schema default (what that run used), and is refused, naming the key, when it is set otherwise."""
+    from kotodama_core.train.guard import check_checkpoint, claim_work_folder, run_identity
+    from stages.registry import config_section
+    now = run_identity(config_section("train", config()), {"data": "d"})
+    before = json.loads(json.dumps(now))
+    del before["config"]["train"]["attn_res_mix_dtype"]  # recorded before the key was added
+    check_checkpoint({"run_identity": before}, now, "checkpoint step 4", tmp_path / "run.partial")
+    work = tmp_path / "run.partial"
+    claim_work_folder(work, before)
+    claim_work_folder(work, now)
+    changed = run_identity(config_section("train", config(**{"train.attn_res_mix_dtype": "activation"})),
+                           {"data": "d"})
+    with pytest.raises(ResumeRefused, match=r"train.attn_res_mix_dtype: <unset> -> activation"):
+        check_checkpoint({"run_identity": before}, changed, "checkpoint step 4", work)
+    with pytest.raises(ResumeRefused, match=r"train.attn_res_mix_dtype: <unset> -> activation"):
+        claim_work_folder(work, changed)
+    other_data = run_identity(config_section("train", config()), {"data": "e"})
+    with pytest.raises(ResumeRefused, match=r"input data: d -> e"):
+        check_checkpoint({"run_identity": before}, other_data, "checkpoint step 4", work)

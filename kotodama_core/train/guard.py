@@ -4,6 +4,8 @@ The identity is what makes two runs the same run: the config sections that enter
 digest (model, optim, schedule, train) and the digests of its inputs. `<out>.partial/run.json` records it
 when a run starts, and every checkpoint carries its digest, so a rerun with another config or other data
 refuses to resume the other run's state, naming the keys that differ, instead of silently mixing them.
+A key added to the config after a run was recorded counts only when it is set away from its schema
+default, so a run resumes under newer code that added keys it never used.
 """
 
 from __future__ import annotations
@@ -58,6 +60,29 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted(set(a) | set(b)) if a.get(k, unset) != b.get(k, unset)]
 
 
+def schema_defaults() -> dict[str, Any]:
+    """Every key of the identity's config sections at its schema default, as dotted keys (identity form)."""
+    from kotodama_core.config import RunConfig
+
+    defaults = RunConfig()
+    return flatten(run_identity({s: defaults.section(s) for s in TRAIN_SECTIONS}, {})["config"])
+
+
+def material_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """differing_keys(old, new) less the keys `old` does not record that `new` holds at their schema
+    default: keys added to the config after `old` was written, whose default is what that run used. A new
+    key set to anything else is a difference."""
+    diffs = differing_keys(old, new)
+    if not any(": <unset> -> " in d for d in diffs):
+        return diffs
+    recorded = flatten(old.get("config", {}))
+    current = flatten(new.get("config", {}))
+    defaults = schema_defaults()
+    return [d for d in diffs
+            if not ((key := d.split(": ", 1)[0]) not in recorded and key in defaults
+                    and current.get(key) == defaults[key])]
+
+
 def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str,
             diffs: list[str] | None = None) -> str:
     """One line: what was written by another run, the keys that differ, and how to start fresh."""
@@ -83,7 +108,9 @@ def claim_work_folder(work: Path, identity: Mapping[str, Any]) -> None:
             raise ResumeRefused(f"{path} is unreadable, so this work folder cannot be resumed safely; "
                                 f"{fresh_hint(work)}")
         if recorded.get("digest") != identity_digest(identity):
-            raise ResumeRefused(refusal(str(work), recorded["identity"], identity, fresh_hint(work)))
+            diffs = material_differences(recorded["identity"], identity)
+            if diffs:
+                raise ResumeRefused(refusal(str(work), recorded["identity"], identity, fresh_hint(work), diffs))
         return
     work.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(RUN_FILE + ".tmp")
@@ -100,12 +127,13 @@ def check_checkpoint(state: Mapping[str, Any], identity: Mapping[str, Any], wher
         config = state.get("config")
         if not isinstance(config, Mapping):
             return  # nothing recorded to compare with
-        # Written before run identities: compare the keys it recorded (keys added to the config since then
-        # take their defaults, which is what that run used).
+        # Written before run identities: compare the config sections it recorded.
         legacy, current = {"config": {s: config.get(s) for s in TRAIN_SECTIONS}}, {"config": identity.get("config", {})}
-        diffs = [d for d in differing_keys(legacy, current) if not d.split(": ", 1)[1].startswith("<unset> ->")]
+        diffs = material_differences(legacy, current)
         if diffs:
             raise ResumeRefused(refusal(where, legacy, current, fresh_hint(work), diffs))
         return
     if identity_digest(recorded) != identity_digest(identity):
-        raise ResumeRefused(refusal(where, recorded, identity, fresh_hint(work)))
+        diffs = material_differences(recorded, identity)
+        if diffs:
+            raise ResumeRefused(refusal(where, recorded, identity, fresh_hint(work), diffs))
