@@ -131,7 +131,9 @@ def last_loss(records: list[dict]) -> float | None:
 
 HEADLINE_KEYS = ("device", "date", "ref_compile_tokens_per_s", "project_tokens_per_s", "ratio_vs_ref_compile",
                  "attnres_cost_fraction", "optimizer_step_ms", "compile_s", "checkpoint_stall_s",
-                 "stage_vs_bench_ratio")
+                 "stage_vs_bench_ratio", "variants")
+# Measurements of the project step with one option changed, reported beside the default in `variants`.
+VARIANT_KEYS = ("bf16_mix", "fp8", "regions", "kernels", "per_read", "mb16")
 
 
 def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: float | None = None) -> dict:
@@ -141,7 +143,9 @@ def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: floa
         optimizer_step_ms     = median synchronized time of the hybrid optimizer step alone
         compile_s             = the project run's step 0 (compile included), seconds
         checkpoint_stall_s    = the project run's worst checkpoint stall (its final save)
-        stage_vs_bench_ratio  = a training stage's steady tok/s (--stage-metrics) ÷ project tok/s"""
+        stage_vs_bench_ratio  = a training stage's steady tok/s (--stage-metrics) ÷ project tok/s
+        variants              = per measured VARIANT_KEYS option: its tok/s, its ratio to ref_compile and
+                                its AttnRes cost, 1 − variant tok/s ÷ AttnRes-off tok/s"""
     ref = results.get("ref", {}).get("tok_s")
     proj = results.get("project", {}).get("tok_s")
     plain = results.get("no_attnres", {}).get("tok_s")
@@ -152,7 +156,14 @@ def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: floa
            "optimizer_step_ms": results.get("optimizer", {}).get("ms"),
            "compile_s": results.get("project", {}).get("compile_s"),
            "checkpoint_stall_s": results.get("project", {}).get("checkpoint_stall_s"),
-           "stage_vs_bench_ratio": round(stage_tok_s / proj, 3) if stage_tok_s and proj else None}
+           "stage_vs_bench_ratio": round(stage_tok_s / proj, 3) if stage_tok_s and proj else None,
+           "variants": {}}
+    for key in VARIANT_KEYS:
+        tok_s = results.get(key, {}).get("tok_s")
+        if tok_s:
+            out["variants"][key] = {"tokens_per_s": tok_s,
+                                    "ratio_vs_ref_compile": round(tok_s / ref, 3) if ref else None,
+                                    "attnres_cost_fraction": round(1 - tok_s / plain, 3) if plain else None}
     assert tuple(out) == HEADLINE_KEYS
     return out
 
