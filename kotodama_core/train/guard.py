@@ -62,10 +62,14 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 def schema_defaults() -> dict[str, Any]:
     """Every key of the identity's config sections at its schema default, as dotted keys (identity form)."""
-    from kotodama_core.config import RunConfig
+    from kotodama_core.model.config import KotodamaConfig
+    from kotodama_core.optim.config import OptimConfig, ScheduleConfig
+    from kotodama_core.train.config import TrainConfig
 
-    defaults = RunConfig()
-    return flatten(run_identity({s: defaults.section(s) for s in TRAIN_SECTIONS}, {})["config"])
+    schemas = {"model": KotodamaConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "train": TrainConfig}
+    assert tuple(schemas) == TRAIN_SECTIONS
+    sections = {name: schema().model_dump(mode="json") for name, schema in schemas.items()}
+    return flatten(run_identity(sections, {})["config"])
 
 
 def material_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
