@@ -102,32 +102,45 @@ def attnres_configs():
     from kotodama_core.model import attnres_triton as at
 
     n, d = ("i32", TOKENS), ("i32", WIDTH)
-    for sources, reads in ((1, 6), (4, 18), (6, 7)):
+    # fp32 mixes at three blocks; bf16 mixes (train.attn_res_mix_dtype: activation) at the largest
+    for sources, reads, mix_dtype in ((1, 6, torch.float32), (4, 18, torch.float32), (6, 7, torch.float32),
+                                      (4, 18, torch.bfloat16)):
         src = tuple(["*fp32"] * sources)
+        tag = f"S{sources} R{reads}" + (" bf16 mix" if mix_dtype == torch.bfloat16 else "")
         # the launch parameters the operators themselves pass (attnres_triton._mix_meta)
-        forward = at._mix_meta(sources, reads, WIDTH, torch.float32, at.MIX_FORWARD["warps"])
-        backward = at._mix_meta(sources, reads, WIDTH, torch.float32, at.MIX_BACKWARD["warps"])
+        forward = at._mix_meta(sources, reads, WIDTH, mix_dtype, at.MIX_FORWARD["warps"])
+        backward = at._mix_meta(sources, reads, WIDTH, mix_dtype, at.MIX_BACKWARD["warps"])
         forward_warps, backward_warps = forward.pop("num_warps"), backward.pop("num_warps")
-        yield (f"attnres_mix_forward S{sources} R{reads}", at._mix_forward_kernel,
+        yield (f"attnres_mix_forward {tag}", at._mix_forward_kernel,
                {"SRC": src, "GQ": "*fp32", "MIX_TABLE": "*i64", "LOGITS": "*fp32", "LSE": "*fp32", "N": n, "D": d,
                 "eps": "fp32"}, {**forward, "UNROLL": reads <= at.MIX_FORWARD["unroll_reads"]},
                forward_warps)
-        yield (f"attnres_mix_backward S{sources} R{reads}", at._mix_backward_kernel,
+        yield (f"attnres_mix_backward {tag}", at._mix_backward_kernel,
                {"SRC": src, "GQ": "*fp32", "LOGITS": "*fp32", "LSE": "*fp32", "GRAD_MIX_TABLE": "*i64",
                 "GRAD_LSE": "*fp32", "GRAD_SRC": src, "COEF": "*fp32", "N": n, "D": d, "eps": "fp32"},
                backward, backward_warps)
+    for mix in ("fp32", "bf16"):
+        yield from merge_configs(mix)
+
+
+def merge_configs(mix: str):
+    """The merge kernels reading an fp32 or bf16 mix (and writing its gradient in the same dtype)."""
+    from kotodama_core.model import attnres_triton as at
+
+    n, d = ("i32", TOKENS), ("i32", WIDTH)
+    tag = "" if mix == "fp32" else " bf16 mix"
     forward = at._merge_meta(at.MERGE_FORWARD, WIDTH)
     forward_warps = forward.pop("num_warps")
-    yield ("attnres_merge_forward", at._merge_norm_forward_kernel,
-           {"MIX": "*fp32", "BASE": "*fp32", "DELTA": "*bf16", "LSE": "*fp32", "GQ": "*fp32", "WN": "*fp32",
+    yield (f"attnres_merge_forward{tag}", at._merge_norm_forward_kernel,
+           {"MIX": f"*{mix}", "BASE": "*fp32", "DELTA": "*bf16", "LSE": "*fp32", "GQ": "*fp32", "WN": "*fp32",
             "Y": "*bf16", "P_OUT": "*fp32", "SIG": "*fp32", "INV_P": "*fp32", "RSTD": "*fp32", "N": n, "D": d,
             "read_eps": "fp32", "norm_eps": "fp32"}, {**forward, "HAS_DELTA": True}, forward_warps)
     backward = at._merge_meta(at.MERGE_BACKWARD, WIDTH)
     backward_warps = backward.pop("num_warps")
     tiles = -(-TOKENS // at.MERGE_BACKWARD["rows"])
-    yield ("attnres_merge_backward", at._merge_norm_backward_kernel,
-           {"MIX": "*fp32", "P": "*fp32", "GQ": "*fp32", "WN": "*fp32", "GY": "*bf16", "GP_IN": "*fp32",
-            "SIG": "*fp32", "INV_P": "*fp32", "RSTD": "*fp32", "GRAD_MIX": "*fp32", "GRAD_P": "*fp32",
+    yield (f"attnres_merge_backward{tag}", at._merge_norm_backward_kernel,
+           {"MIX": f"*{mix}", "P": "*fp32", "GQ": "*fp32", "WN": "*fp32", "GY": "*bf16", "GP_IN": "*fp32",
+            "SIG": "*fp32", "INV_P": "*fp32", "RSTD": "*fp32", "GRAD_MIX": f"*{mix}", "GRAD_P": "*fp32",
             "GRAD_DELTA": "*bf16", "GRAD_LSE": "*fp32", "PART_WN": "*fp32", "PART_GQ": "*fp32", "N": n, "D": d},
            {**backward, "TILES_PER_PROGRAM": -(-tiles // at.MERGE_PROGRAMS), "HAS_DELTA": True, "HAS_GRAD_P": True},
            backward_warps)
