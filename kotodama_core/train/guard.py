@@ -51,13 +51,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, as `key: old -> new` (a missing side shows as <unset>)."""
+def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """Dotted keys (less `ignore`) whose values differ, as `key: old -> new` (a missing side shows as <unset>)."""
     a, b = flatten(old.get("config", {})), flatten(new.get("config", {}))
     a.update({f"input {k}": v for k, v in old.get("inputs", {}).items()})
     b.update({f"input {k}": v for k, v in new.get("inputs", {}).items()})
     unset = "<unset>"
-    return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted(set(a) | set(b)) if a.get(k, unset) != b.get(k, unset)]
+    return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted((set(a) | set(b)) - ignore)
+            if a.get(k, unset) != b.get(k, unset)]
 
 
 def schema_defaults() -> dict[str, Any]:
@@ -76,15 +77,11 @@ def material_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     """differing_keys(old, new) less the keys `old` does not record that `new` holds at their schema
     default: keys added to the config after `old` was written, whose default is what that run used. A new
     key set to anything else is a difference."""
-    diffs = differing_keys(old, new)
-    if not any(": <unset> -> " in d for d in diffs):
-        return diffs
     recorded = flatten(old.get("config", {}))
-    current = flatten(new.get("config", {}))
-    defaults = schema_defaults()
-    return [d for d in diffs
-            if not ((key := d.split(": ", 1)[0]) not in recorded and key in defaults
-                    and current.get(key) == defaults[key])]
+    added = {k: v for k, v in flatten(new.get("config", {})).items() if k not in recorded}
+    defaults = schema_defaults() if added else {}
+    at_default = frozenset(k for k, v in added.items() if k in defaults and v == defaults[k])
+    return differing_keys(old, new, ignore=at_default)
 
 
 def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str,
