@@ -58,6 +58,8 @@ from kotodama_core.model.attnres import completed_sources_mix, merged_read_norm 
 from kotodama_core.model.norm import rms_norm  # noqa: E402
 
 EPS = 1e-5
+# The phase-1 mix dtypes by their command-line names.
+MIX_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def time_ms(fn, repeats: int, warmup: int) -> float:
@@ -136,7 +138,7 @@ def phase_one(args, g: torch.Generator) -> None:
 
 def merge(args, g: torch.Generator) -> None:
     shape = (1, args.tokens, args.dim)
-    mix_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.merge_mix_dtype]
+    mix_dtype = MIX_DTYPES[args.merge_mix_dtype]
     mix = torch.randn(shape, device="cuda", generator=g).to(mix_dtype).requires_grad_()
     partial = (2 * torch.randn(shape, device="cuda", generator=g)).requires_grad_()
     lse = torch.randn(shape[:-1], device="cuda", generator=g).requires_grad_()
@@ -213,7 +215,7 @@ def phase_one_ops(args, g: torch.Generator) -> None:
     results = {}
     defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD))
     for dtype_name in args.mix_dtypes.split(","):
-        mix_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+        mix_dtype = MIX_DTYPES[dtype_name]
         g_mixes = [x.to(mix_dtype) for x in grad_mixes]
         # the floors with this mix dtype: the R mixes and their gradients at its width
         extra = r_count * n * d * (mix_dtype.itemsize - 2)
@@ -296,7 +298,7 @@ def main() -> None:
                     help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",
                     help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps")
-    ap.add_argument("--merge-mix-dtype", default="fp32", choices=("fp32", "bf16"),
+    ap.add_argument("--merge-mix-dtype", default="fp32", choices=tuple(MIX_DTYPES),
                     help="the dtype of the phase-1 mix the merge reads (train.attn_res_mix_dtype)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or attnres_triton.triton is None:

@@ -77,7 +77,6 @@ def test_grad_accum_must_divide():
         cfg.train.grad_accum_steps(3)
 
 
-
 def test_attn_res_mix_dtype_reaches_the_model_runtime_and_a_wrong_value_is_named():
     from kotodama_core.train.engine import attn_res_runtime
 
