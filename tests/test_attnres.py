@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kotodama_core.model import KotodamaConfig, KotodamaLM, attn_res_read
+from kotodama_core.model import KotodamaConfig, KotodamaLM, attn_res_read, compile_forward
 from kotodama_core.model.attnres import AttnResRuntime
 
 EPS = 1e-5
@@ -260,17 +260,18 @@ def test_bf16_mixes_stay_within_a_bound_of_the_fp32_mix_error():
 
 # ----------------------------------------------------------------- regional compilation
 def _check_regions_match_eager(cfg, backend, seed: int) -> None:
-    """The same weights, eager and with compile_regions(backend): equal loss and gradients."""
+    """The same weights, eager and with compile scope `layers` (compile_regions) with `backend`: equal loss
+    and gradients."""
     torch.manual_seed(seed)
     eager = KotodamaLM(cfg)
     randomize(eager, query_std=0.6, seed=seed + 10)
     regional = KotodamaLM(cfg)
     regional.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
-    regional.compile_regions(backend=backend)
+    compiled = compile_forward(regional, "layers", backend=backend)
     ids = torch.randint(0, cfg.vocab_size, (2, 10))
     losses = []
-    for model in (eager, regional):
+    for model in (eager, compiled):
         loss, _ = model(ids[:, :-1], ids[:, 1:])
         loss.backward()
         losses.append(loss)
@@ -297,3 +298,8 @@ def test_regional_compile_reuses_one_layer_graph_and_matches_eager():
 def test_regional_compile_through_aot_autograd_matches_eager():
     _check_regions_match_eager(small_cfg(num_layers=4, attn_res_boundaries=[0, 2]), "aot_eager", seed=4)
     torch._dynamo.reset()
+
+
+def test_unknown_compile_scope_is_named():
+    with pytest.raises(ValueError, match="compile scope must be one of .*'everything'"):
+        compile_forward(KotodamaLM(small_cfg()), "everything")

@@ -16,12 +16,13 @@ _EXPORTS = {
     "save_pt_zst": "kotodama_core.model.io",
     "chunked_lm_loss": "kotodama_core.model.loss",
     "KotodamaLM": "kotodama_core.model.model",
+    "compile_forward": "kotodama_core.model.model",
     "RMSNorm": "kotodama_core.model.norm",
     "rms_norm": "kotodama_core.model.norm",
     "TechniquesConfig": "kotodama_core.model.techniques",
 }
 
-__all__ = ["AttnResRuntime", "KotodamaConfig", "KotodamaLM", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
+__all__ = ["AttnResRuntime", "KotodamaConfig", "KotodamaLM", "compile_forward", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
            "RMSNorm", "rms_norm",
            "CheckpointError", "save_pt_zst", "load_pt_zst", "load_model"]
 

@@ -501,6 +501,25 @@ def _attention(layer: Layer, n: Tensor, cos: Tensor, sin: Tensor, v_extra: Tenso
     return a
 
 
+# A third scope, the whole forward with each sublayer a torch.compiler.nested_compile_region, was
+# measured and dropped: on CUDA with the AttnRes kernels it gave wrong gradients (bench/RESULTS.md).
+COMPILE_SCOPES = ("model", "layers")
+
+
+def compile_forward(model: KotodamaLM, scope: str, wrapped: nn.Module | None = None, **compile_kwargs) -> Callable:
+    """The callable that runs `model`'s forward compiled at `scope` (train.compile_scope):
+    model   torch.compile of the whole forward: one graph with every layer unrolled;
+    layers  the repeated regions compiled separately (compile_regions), eager code between them.
+    `wrapped` is what the forward runs through (the DDP wrapper of `model`), `model` itself if None."""
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {COMPILE_SCOPES}, got {scope!r}")
+    wrapped = model if wrapped is None else wrapped
+    if scope == "layers":
+        model.compile_regions(**compile_kwargs)
+        return wrapped
+    return torch.compile(wrapped, **compile_kwargs)
+
+
 class _Regions(NamedTuple):
     """The functions the forward pass calls for its repeated parts: plain, or compiled ones."""
 

@@ -27,7 +27,7 @@ import torch
 from kotodama_core.digest import digest
 from kotodama_core.data.loader import TokenLoader
 from kotodama_core.errors import UserError
-from kotodama_core.model import KotodamaLM
+from kotodama_core.model import KotodamaLM, compile_forward
 from kotodama_core.model.attnres import AttnResRuntime
 from kotodama_core.optim import build_optimizer, wsd_lr_multiplier
 from kotodama_core.optim.averaging import WeightAverager
@@ -424,10 +424,7 @@ def build_forwards(model: KotodamaLM, cfg: RunConfig, info: DistInfo) -> Forward
     plain = wrapped
     if tcfg.compile:
         qat = torch.compile(qat) if qat is not None else None
-        if tcfg.compile_scope == "layers":
-            model.compile_regions()
-        else:
-            plain = torch.compile(wrapped)
+        plain = compile_forward(model, tcfg.compile_scope, wrapped)
     return Forwards(wrapped, plain, qat, qat_start)
 
 
