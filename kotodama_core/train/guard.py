@@ -51,14 +51,25 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_UNSET = "<unset>"
+
+
+def _values(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The identity's config as dotted keys, and its inputs as `input <name>`."""
+    values = flatten(identity.get("config", {}))
+    values.update({f"input {k}": v for k, v in identity.get("inputs", {}).items()})
+    return values
+
+
+def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str]) -> list[str]:
+    a, b = _values(old), _values(new)
+    return [k for k in sorted((set(a) | set(b)) - ignore) if a.get(k, _UNSET) != b.get(k, _UNSET)]
+
+
 def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
     """Dotted keys (less `ignore`) whose values differ, as `key: old -> new` (a missing side shows as <unset>)."""
-    a, b = flatten(old.get("config", {})), flatten(new.get("config", {}))
-    a.update({f"input {k}": v for k, v in old.get("inputs", {}).items()})
-    b.update({f"input {k}": v for k, v in new.get("inputs", {}).items()})
-    unset = "<unset>"
-    return [f"{k}: {a.get(k, unset)} -> {b.get(k, unset)}" for k in sorted((set(a) | set(b)) - ignore)
-            if a.get(k, unset) != b.get(k, unset)]
+    a, b = _values(old), _values(new)
+    return [f"{k}: {a.get(k, _UNSET)} -> {b.get(k, _UNSET)}" for k in _changed_keys(old, new, ignore)]
 
 
 def schema_defaults() -> dict[str, Any]:
@@ -77,11 +88,29 @@ def material_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list
     """differing_keys(old, new) less the keys `old` does not record that `new` holds at their schema
     default: keys added to the config after `old` was written, whose default is what that run used. A new
     key set to anything else is a difference."""
+    return differing_keys(old, new, ignore=_added_at_default(old, new))
+
+
+def _added_at_default(old: Mapping[str, Any], new: Mapping[str, Any]) -> frozenset[str]:
     recorded = flatten(old.get("config", {}))
     added = {k: v for k, v in flatten(new.get("config", {})).items() if k not in recorded}
     defaults = schema_defaults() if added else {}
-    at_default = frozenset(k for k, v in added.items() if k in defaults and v == defaults[k])
-    return differing_keys(old, new, ignore=at_default)
+    return frozenset(k for k, v in added.items() if k in defaults and v == defaults[k])
+
+
+def resume_overrides(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str] | None:
+    """`key=value` overrides that give `new` the settings `old` ran with (a key `old` does not record ran at
+    its schema default), or None where they cannot: an input differs, or a value is not a scalar."""
+    keys = _changed_keys(old, new, _added_at_default(old, new))
+    recorded = flatten(old.get("config", {}))
+    defaults = schema_defaults() if any(k not in recorded for k in keys) else {}
+    overrides = []
+    for key in keys:
+        value = recorded[key] if key in recorded else defaults.get(key, _UNSET)
+        if key.startswith("input ") or value is _UNSET or not isinstance(value, (str, int, float, bool)):
+            return None
+        overrides.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return overrides or None
 
 
 def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str,
@@ -89,7 +118,9 @@ def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: st
     """One line: what was written by another run, the keys that differ, and how to start fresh."""
     diffs = differing_keys(old, new) if diffs is None else diffs
     named = "; ".join(diffs[:_MAX_NAMED]) + (f"; and {len(diffs) - _MAX_NAMED} more" if len(diffs) > _MAX_NAMED else "")
-    return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}"
+    overrides = resume_overrides(old, new) if diffs else None
+    keep = f"; to resume it as it ran, add --set {' '.join(overrides)}" if overrides else ""
+    return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}{keep}"
 
 
 def fresh_hint(work: Path) -> str:
