@@ -16,7 +16,7 @@ two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.att
 layers: the repeated regions compiled instead of the whole model), recipe (--accum micro-batches per
 optimizer step, as the presets' global batches train on one device), fp8 (train.fp8: torchao float8
 matmuls in the hidden layers; carry the torchao wheel), bf16_mix (train.attn_res_mix_dtype activation: the
-AttnRes phase-1 mixes stored in bf16), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
+AttnRes phase-1 mixes stored in bf16), fp32_mix (train.attn_res_mix_dtype float32), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
 mb16 (micro-batch 16), profile (the project step under torch.profiler: CUDA time by kernel, written to
 --profile-out, and the device's busy time against its span), profile_no_attnres (the same with AttnRes off).
 """
@@ -45,7 +45,7 @@ from kotodama_core.artifacts import write_manifest  # noqa: E402
 from kotodama_core.config import load_config, parse_overrides  # noqa: E402
 from kotodama_core.data.manifest_fields import describe_splits  # noqa: E402
 from kotodama_core.data.shards import write_shard  # noqa: E402
-from kotodama_core.model import KotodamaLM  # noqa: E402
+from kotodama_core.model import KotodamaLM, compile_forward  # noqa: E402
 from kotodama_core.model.attnres import AttnResRuntime  # noqa: E402
 from kotodama_core.optim import build_optimizer  # noqa: E402
 from kotodama_core.train.distributed import DistInfo  # noqa: E402
@@ -133,7 +133,7 @@ HEADLINE_KEYS = ("device", "date", "ref_compile_tokens_per_s", "project_tokens_p
                  "attnres_cost_fraction", "optimizer_step_ms", "compile_s", "checkpoint_stall_s",
                  "stage_vs_bench_ratio", "variants")
 # Measurements of the project step with one option changed, reported beside the default in `variants`.
-VARIANT_KEYS = ("bf16_mix", "fp8", "regions", "kernels", "per_read", "mb16")
+VARIANT_KEYS = ("bf16_mix", "fp32_mix", "fp8", "regions", "kernels", "per_read", "mb16")
 
 
 def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: float | None = None) -> dict:
@@ -144,8 +144,8 @@ def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: floa
         compile_s             = the project run's step 0 (compile included), seconds
         checkpoint_stall_s    = the project run's worst checkpoint stall (its final save)
         stage_vs_bench_ratio  = a training stage's steady tok/s (--stage-metrics) ÷ project tok/s
-        variants              = per measured VARIANT_KEYS option: its tok/s, its ratio to ref_compile and
-                                its AttnRes cost, 1 − variant tok/s ÷ AttnRes-off tok/s"""
+        variants              = per measured VARIANT_KEYS option: its tok/s, its ratio to ref_compile, its
+                                AttnRes cost (1 − variant tok/s ÷ AttnRes-off tok/s) and its step 0 s"""
     ref = results.get("ref", {}).get("tok_s")
     proj = results.get("project", {}).get("tok_s")
     plain = results.get("no_attnres", {}).get("tok_s")
@@ -163,7 +163,8 @@ def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: floa
         if tok_s:
             out["variants"][key] = {"tokens_per_s": tok_s,
                                     "ratio_vs_ref_compile": round(tok_s / ref, 3) if ref else None,
-                                    "attnres_cost_fraction": round(1 - tok_s / plain, 3) if plain else None}
+                                    "attnres_cost_fraction": round(1 - tok_s / plain, 3) if plain else None,
+                                    "compile_s": results[key].get("compile_s")}
     assert tuple(out) == HEADLINE_KEYS
     return out
 
@@ -365,11 +366,7 @@ def profile_step(args, attn_res: bool = True) -> dict:
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml", overrides)
     model = KotodamaLM(cfg.model, attn_res_runtime=engine.attn_res_runtime(cfg.train)).to(args.device)
     opt = build_optimizer(model, cfg.optim)
-    if cfg.train.compile_scope == "layers":
-        model.compile_regions()
-        fwd = model
-    else:
-        fwd = torch.compile(model)
+    fwd = compile_forward(model, cfg.train.compile_scope)
     ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device=args.device)
 
     def step():
@@ -491,6 +488,8 @@ def main() -> None:
                                          "_fp8", {"train.fp8": True})),
             ("bf16_mix", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                               "_bf16_mix", {"train.attn_res_mix_dtype": "activation"})),
+            ("fp32_mix", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                              "_fp32_mix", {"train.attn_res_mix_dtype": "float32"})),
             ("no_attnres", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile)),
             ("attnres_ref", lambda: reference(args, "attnres_compile", args.batch)),
             ("optimizer", lambda: optimizer_step_ms(args)),

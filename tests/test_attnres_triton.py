@@ -147,8 +147,9 @@ def test_fused_merge_read_norm_writes_the_requested_dtype():
 
 
 def _small_model_grads(kernels: bool, autocast: bool, monkeypatch,
-                       mix_precision: str = "float32") -> tuple[torch.Tensor, dict]:
-    from kotodama_core.model import KotodamaConfig, KotodamaLM
+                       mix_precision: str = "float32", scope: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss and gradients of a small AttnRes model, eager or compiled at `scope` (train.compile_scope)."""
+    from kotodama_core.model import KotodamaConfig, KotodamaLM, compile_forward
 
     monkeypatch.setattr(attnres_triton, "available", lambda tensor: True)
     cfg = KotodamaConfig(hidden_size=32, num_layers=5, num_attention_heads=2, num_kv_heads=1, head_dim=16,
@@ -163,8 +164,9 @@ def _small_model_grads(kernels: bool, autocast: bool, monkeypatch,
                 p.normal_(0.0, 0.5)
             elif name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+    forward = model if scope is None else compile_forward(model, scope)
     with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = model(ids[:, :-1], ids[:, 1:])
+        loss, _ = forward(ids[:, :-1], ids[:, 1:])
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -184,14 +186,28 @@ def test_model_with_kernels_under_bf16_autocast_is_as_close_to_fp32_as_pytorch(m
     """Under bf16 autocast both paths round differently; the kernels' gradients must stay about as close to
     the fp32 gradients as the PyTorch bf16 path's are (a few times its error at most, for every tensor),
     with the mixes stored in fp32 or, on both paths, in bf16."""
+    _check_kernels_as_close_to_fp32_as_pytorch(monkeypatch, mix_precision)
+
+
+def _check_kernels_as_close_to_fp32_as_pytorch(monkeypatch, mix_precision: str, scope: str | None = None) -> None:
     _, exact = _small_model_grads(False, False, monkeypatch)
-    _, torch_bf16 = _small_model_grads(False, True, monkeypatch, mix_precision)
-    _, kernels_bf16 = _small_model_grads(True, True, monkeypatch, mix_precision)
+    _, torch_bf16 = _small_model_grads(False, True, monkeypatch, mix_precision, scope)
+    _, kernels_bf16 = _small_model_grads(True, True, monkeypatch, mix_precision, scope)
     for name, grad in exact.items():
         scale = grad.norm() + 1e-12
         torch_err = ((torch_bf16[name] - grad).norm() / scale).item()
         kernel_err = ((kernels_bf16[name] - grad).norm() / scale).item()
         assert kernel_err <= 4 * torch_err + 1e-3, (name, kernel_err, torch_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_compiled_model_with_kernels_is_as_close_to_fp32_as_pytorch(monkeypatch):
+    """Compiled whole under bf16 autocast with bf16 mixes, the kernels' gradients stay as close to the
+    eager fp32 gradients as the compiled PyTorch reads'. (The same check caught the dropped nested
+    compile scope: 0.857 relative error on layer 0's gate_proj against 0.026; bench/RESULTS.md.)"""
+    torch._dynamo.reset()
+    _check_kernels_as_close_to_fp32_as_pytorch(monkeypatch, "activation", "model")
 
 
 @pytest.mark.gpu

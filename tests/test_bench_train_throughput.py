@@ -89,7 +89,7 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
 def test_headline_ratios_and_stage_rate(tmp_path):
     results = {"ref": {"tok_s": 400}, "project": {"tok_s": 300, "compile_s": 41.5, "checkpoint_stall_s": 0.2},
                "no_attnres": {"tok_s": 320}, "optimizer": {"ms": 2.5}, "bf16_mix": {"tok_s": 304},
-               "fp8": {"error": "no torchao"}}
+               "fp32_mix": {"tok_s": 296, "compile_s": 38.0}, "fp8": {"error": "no torchao"}}
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "tokens_per_s": 10}, {"step": 10, "tokens_per_s": 290},
             {"step": 20, "checkpoint_stall_s": 3.0}, {"step": 20, "tokens_per_s": 296},
@@ -101,8 +101,11 @@ def test_headline_ratios_and_stage_rate(tmp_path):
     assert head["ratio_vs_ref_compile"] == 0.75 and head["attnres_cost_fraction"] == 0.062
     assert head["stage_vs_bench_ratio"] == round(290 / 300, 3)
     assert (head["compile_s"], head["checkpoint_stall_s"], head["optimizer_step_ms"]) == (41.5, 0.2, 2.5)
-    assert head["variants"] == {"bf16_mix": {"tokens_per_s": 304, "ratio_vs_ref_compile": 0.76,
-                                             "attnres_cost_fraction": 0.05}}  # a failed fp8 is left out
+    assert head["variants"] == {  # a failed fp8 is left out
+        "bf16_mix": {"tokens_per_s": 304, "ratio_vs_ref_compile": 0.76, "attnres_cost_fraction": 0.05,
+                     "compile_s": None},
+        "fp32_mix": {"tokens_per_s": 296, "ratio_vs_ref_compile": 0.74, "attnres_cost_fraction": 0.075,
+                   "compile_s": 38.0}}
     train_throughput.write_headline(tmp_path / "r.json", head)
     assert json.loads((tmp_path / "r.json").read_text()) == head
 

@@ -96,8 +96,9 @@ class TrainConfig(StrictModel):
     attn_res_kernels: bool = True
     # The dtype phase 1 of the AttnRes reads stores each read's mix in (attnres.AttnResRuntime):
     # float32, or activation (bf16 under bf16 autocast), which halves the mixes' traffic and rounds each
-    # mix as the original code rounds each read (bench/RESULTS.md, sixth session: 6.5 % against 8.5 %
-    # AttnRes cost; 200-step loss within 0.005 of float32 for one seed; routing gradients noisier).
+    # mix as the original code rounds each read (bench/RESULTS.md: 6.5 % against 8.5 % AttnRes cost;
+    # 200-step tail loss within 0.002 of float32 over two seeds; routing gradients noisier). The
+    # proxy-108m preset sets activation; the default stays float32, what runs recorded before the key ran.
     attn_res_mix_dtype: Literal["float32", "activation"] = "float32"
     nproc: int = 1
     log_every: int = 10
