@@ -8,9 +8,9 @@ the preset's AttnRes runtime (its Triton kernels on CUDA), takes its first train
 loss, backward) — the compile — and then --steps timed steps. Reported per scope: first-step seconds,
 steady step ms, graphs compiled (dynamo's unique_graphs), the loss, which must agree between the scopes,
 and the longest compile phases. Run each scope in a fresh process for a cold compile: a later scope in
-the same process reuses the kernels an earlier one compiled. The proxy's 28 layers are what make the whole-model graph
-large; --width shrinks every width (hidden, heads, MLP, vocabulary) but keeps the depth and the AttnRes
-blocks, so a CPU run shows the compile-time ratio in minutes.
+the same process reuses the kernels an earlier one compiled. The proxy's 28 layers are what make the
+whole-model graph large; --width shrinks every width (hidden, heads, MLP, vocabulary) but keeps the depth
+and the AttnRes blocks, so a CPU run shows the compile-time ratio in minutes.
 """
 
 from __future__ import annotations

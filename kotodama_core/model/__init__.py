@@ -22,8 +22,8 @@ _EXPORTS = {
     "TechniquesConfig": "kotodama_core.model.techniques",
 }
 
-__all__ = ["AttnResRuntime", "KotodamaConfig", "KotodamaLM", "compile_forward", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
-           "RMSNorm", "rms_norm",
+__all__ = ["AttnResRuntime", "KotodamaConfig", "KotodamaLM", "TechniquesConfig", "attn_res_read", "chunked_lm_loss",
+           "compile_forward", "RMSNorm", "rms_norm",
            "CheckpointError", "save_pt_zst", "load_pt_zst", "load_model"]
 
 __getattr__ = lazy_exports(__name__, _EXPORTS)
