@@ -158,7 +158,7 @@ def test_legacy_checkpoint_compares_only_the_keys_it_recorded(tmp_path):
     with pytest.raises(ResumeRefused, match=r"train.seed: 9 -> 5") as err:
         check_checkpoint({"config": old_config}, now, "checkpoint step 4", tmp_path / "run.partial")
     assert "max_epochs" not in str(err.value)
-    assert str(err.value).endswith("add --set train.seed=9")
+    assert str(err.value).endswith("; its own settings: --set train.seed=9")
 
 
 def test_keys_added_since_a_run_began_resume_at_their_defaults_only(tmp_path):
@@ -180,7 +180,7 @@ def test_keys_added_since_a_run_began_resume_at_their_defaults_only(tmp_path):
     with pytest.raises(ResumeRefused, match=r"train.attn_res_mix_dtype: <unset> -> activation") as err:
         claim_work_folder(work, changed)
     # the run recorded no mix dtype, so it ran at the schema default, which the hint restores
-    assert str(err.value).endswith("to resume it as it ran, add --set train.attn_res_mix_dtype=float32")
+    assert str(err.value).endswith("; its own settings: --set train.attn_res_mix_dtype=float32")
     other_data = run_identity(config_section("train", config()), {"data": "e"})
     with pytest.raises(ResumeRefused, match=r"input data: d -> e") as err:
         check_checkpoint({"run_identity": before}, other_data, "checkpoint step 4", work)

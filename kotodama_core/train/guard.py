@@ -119,7 +119,7 @@ def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: st
     diffs = differing_keys(old, new) if diffs is None else diffs
     named = "; ".join(diffs[:_MAX_NAMED]) + (f"; and {len(diffs) - _MAX_NAMED} more" if len(diffs) > _MAX_NAMED else "")
     overrides = resume_overrides(old, new) if diffs else None
-    keep = f"; to resume it as it ran, add --set {' '.join(overrides)}" if overrides else ""
+    keep = f"; its own settings: --set {' '.join(overrides)}" if overrides else ""
     return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}{keep}"
 
 
