@@ -61,15 +61,15 @@ def _values(identity: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str]) -> list[str]:
-    a, b = _values(old), _values(new)
+def _changed_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: frozenset[str]) -> list[str]:
+    """The keys of two _values maps (less `ignore`) whose values differ, sorted."""
     return [k for k in sorted((set(a) | set(b)) - ignore) if a.get(k, _UNSET) != b.get(k, _UNSET)]
 
 
 def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
     """Dotted keys (less `ignore`) whose values differ, as `key: old -> new` (a missing side shows as <unset>)."""
     a, b = _values(old), _values(new)
-    return [f"{k}: {a.get(k, _UNSET)} -> {b.get(k, _UNSET)}" for k in _changed_keys(old, new, ignore)]
+    return [f"{k}: {a.get(k, _UNSET)} -> {b.get(k, _UNSET)}" for k in _changed_keys(a, b, ignore)]
 
 
 def schema_defaults() -> dict[str, Any]:
@@ -101,7 +101,7 @@ def _added_at_default(old: Mapping[str, Any], new: Mapping[str, Any]) -> frozens
 def resume_overrides(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str] | None:
     """`key=value` overrides that give `new` the settings `old` ran with (a key `old` does not record ran at
     its schema default), or None where they cannot: an input differs, or a value is not a scalar."""
-    keys = _changed_keys(old, new, _added_at_default(old, new))
+    keys = _changed_keys(_values(old), _values(new), _added_at_default(old, new))
     recorded = flatten(old.get("config", {}))
     defaults = schema_defaults() if any(k not in recorded for k in keys) else {}
     overrides = []
@@ -123,6 +123,14 @@ def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: st
     return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}{keep}"
 
 
+def refuse_other_run(what: str, recorded: Mapping[str, Any], identity: Mapping[str, Any], fresh: str) -> None:
+    """Raise ResumeRefused (naming the keys) when `recorded` and `identity` differ materially
+    (material_differences); an identity that differs only by keys added at their defaults passes."""
+    diffs = material_differences(recorded, identity)
+    if diffs:
+        raise ResumeRefused(refusal(what, recorded, identity, fresh, diffs))
+
+
 def fresh_hint(work: Path) -> str:
     out = work.with_name(work.name.removesuffix(".partial"))
     return f"to start fresh remove {work} or choose another --out than {out}"
@@ -140,9 +148,7 @@ def claim_work_folder(work: Path, identity: Mapping[str, Any]) -> None:
             raise ResumeRefused(f"{path} is unreadable, so this work folder cannot be resumed safely; "
                                 f"{fresh_hint(work)}")
         if recorded.get("digest") != identity_digest(identity):
-            diffs = material_differences(recorded["identity"], identity)
-            if diffs:
-                raise ResumeRefused(refusal(str(work), recorded["identity"], identity, fresh_hint(work), diffs))
+            refuse_other_run(str(work), recorded["identity"], identity, fresh_hint(work))
         return
     work.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(RUN_FILE + ".tmp")
@@ -161,11 +167,7 @@ def check_checkpoint(state: Mapping[str, Any], identity: Mapping[str, Any], wher
             return  # nothing recorded to compare with
         # Written before run identities: compare the config sections it recorded.
         legacy, current = {"config": {s: config.get(s) for s in TRAIN_SECTIONS}}, {"config": identity.get("config", {})}
-        diffs = material_differences(legacy, current)
-        if diffs:
-            raise ResumeRefused(refusal(where, legacy, current, fresh_hint(work), diffs))
+        refuse_other_run(where, legacy, current, fresh_hint(work))
         return
     if identity_digest(recorded) != identity_digest(identity):
-        diffs = material_differences(recorded, identity)
-        if diffs:
-            raise ResumeRefused(refusal(where, recorded, identity, fresh_hint(work), diffs))
+        refuse_other_run(where, recorded, identity, fresh_hint(work))
