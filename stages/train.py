@@ -17,7 +17,7 @@ from kotodama_core.config import RunConfig, dump_yaml
 from kotodama_core.train.checkpoint import has_manifest, init_checkpoint_file
 from kotodama_core.train.distributed import barrier, init_distributed, shutdown
 from kotodama_core.train.engine import train
-from kotodama_core.train.guard import ResumeRefused, identity_digest, refusal, run_identity
+from kotodama_core.train.guard import identity_digest, refuse_other_run, run_identity
 from stages.common import main
 from stages.registry import config_section, identity
 
@@ -51,7 +51,7 @@ def reuse_finished(out: Path, identity: dict) -> Path:
     manifest = read_manifest(out)
     old = finished_identity(manifest)
     if identity_digest(old) != identity_digest(identity):
-        raise ResumeRefused(refusal(f"{out}", old, identity, f"choose another --out or remove {out} to retrain"))
+        refuse_other_run(f"{out}", old, identity, f"choose another --out or remove {out} to retrain")
     return manifest.path
 
 

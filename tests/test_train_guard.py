@@ -85,6 +85,19 @@ def test_finished_out_of_another_config_is_not_returned(tmp_path, markov_data):
         run_train(config(), {"data": markov_data}, out)
 
 
+def test_finished_out_made_before_a_key_was_added_is_reused_at_its_default(tmp_path, markov_data):
+    """A finished output whose manifest predates a config key is the same run while the key holds its
+    schema default (as a work folder or checkpoint is), and another run, named, when it does not."""
+    out = tmp_path / "run"
+    run_train(config(**{"train.steps": 4}), {"data": markov_data}, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["train"]["attn_res_mix_dtype"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run_train(config(**{"train.steps": 4}), {"data": markov_data}, out) == out / "manifest.json"
+    with pytest.raises(ResumeRefused, match=r"train.attn_res_mix_dtype: <unset> -> activation"):
+        run_train(config(**{"train.steps": 4, "train.attn_res_mix_dtype": "activation"}), {"data": markov_data}, out)
+
+
 def test_torn_metrics_line_is_dropped_and_manifest_is_strict(tmp_path, markov_data):
     out, work = killed_after(tmp_path, markov_data, 4)
     with open(work / "metrics.jsonl", "a") as f:

@@ -113,14 +113,13 @@ def resume_overrides(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return overrides or None
 
 
-def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str,
-            diffs: list[str] | None = None) -> str:
-    """One line: what was written by another run, the keys that differ, and how to start fresh."""
-    diffs = differing_keys(old, new) if diffs is None else diffs
+def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str, diffs: list[str]) -> str:
+    """One line: what was written by another run, the keys that differ (`diffs`), how to start fresh, and
+    the overrides that give the run its own settings where they can."""
     named = "; ".join(diffs[:_MAX_NAMED]) + (f"; and {len(diffs) - _MAX_NAMED} more" if len(diffs) > _MAX_NAMED else "")
-    overrides = resume_overrides(old, new) if diffs else None
+    overrides = resume_overrides(old, new)
     keep = f"; its own settings: --set {' '.join(overrides)}" if overrides else ""
-    return f"{what} was written by another run ({named or 'identity digest differs'}); {fresh}{keep}"
+    return f"{what} was written by another run ({named}); {fresh}{keep}"
 
 
 def refuse_other_run(what: str, recorded: Mapping[str, Any], identity: Mapping[str, Any], fresh: str) -> None:
