@@ -26,7 +26,7 @@ The default phase-1 shape is block 4 of proxy-108m (layers 12–20: 4 completed 
 
 phase1_ops (the operators alone, mixes stored in bf16 as the model stores them under autocast) beside
 flash-attn-res 0.1.12 when it is importable (carry its wheel; it is not a dependency):
-    project_fwd / project_bwd   kotodama::attnres_block_mix and its backward op (+ the S ∂q̃ matmuls)
+    project_fwd / project_bwd   kotodama::attnres_block_mix and its backward op (∂q̃ kernel included)
     far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
     *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
                                 (torch.autograd.backward: no loss kernels in the timing)
@@ -152,8 +152,10 @@ def merge(args, g: torch.Generator) -> None:
     def shaped(forward: str, backward: str):
         def run():
             for target, spec in ((attnres_triton.MERGE_FORWARD, forward), (attnres_triton.MERGE_BACKWARD, backward)):
-                rows, warps = (int(x) for x in spec.split("x"))
+                rows, warps, *stages = (int(x) for x in spec.split("x"))
                 target.update(rows=rows, warps=warps)
+                if stages:  # the backward's row loop
+                    target.update(stages=stages[0])
             return attnres_triton.merged_read_norm_triton(*call)
         return run
 
@@ -187,6 +189,37 @@ def _kernel_times(fn, repeats: int = 5, digits: int | None = 4) -> dict[str, flo
     return times if digits is None else {k: round(v, digits) for k, v in times.items()}
 
 
+def query_grads(args, sources, folded, grad_mixes, grad_lse, row) -> None:
+    """∂q̃ = Σ_s coef[s] @ sources[s] from one backward's coefficients: S matmuls (the form before
+    _query_grad_kernel) against the kernel at each --query-grad shape; floor = read the S sources and coef."""
+    n, d = sources[0].shape
+    s_count, r_count = len(sources), folded.shape[0]
+    _mixes, lse, logits = torch.ops.kotodama.attnres_block_mix(sources, folded, EPS, grad_mixes[0].dtype)
+    coef = torch.empty((s_count, r_count, n), dtype=torch.float32, device="cuda")
+    grad_sources = [torch.empty_like(v) for v in sources]
+    attnres_triton._mix_backward_kernel[(n,)](
+        tuple(sources), folded, logits, lse, attnres_triton._pointer_table(grad_mixes), grad_lse, tuple(grad_sources),
+        coef, n, d, EPS, STAGES=1, **attnres_triton._mix_meta(s_count, r_count, d, grad_mixes[0].dtype))
+    floor = s_count * n * d * 4 + s_count * r_count * n * 4
+
+    def matmuls():
+        out = coef[0] @ sources[0]
+        for k in range(1, s_count):
+            out = out + coef[k] @ sources[k]
+        return out
+    want = matmuls()  # fp32 (this bench leaves TF32 off, PyTorch's default)
+    row("dq_matmuls", matmuls, floor)
+    scale = want.abs().max().item()
+    for spec in args.query_grad.split(","):
+        shape, precision = spec.split(":")
+        tokens, cols, warps, stages = (int(x) for x in shape.split("x"))
+        attnres_triton.QUERY_GRAD.update(tokens=tokens, cols=cols, warps=warps, stages=stages, precision=precision)
+
+        def err():  # largest difference from the fp32 matmuls, relative to ∂q̃'s largest entry
+            return (attnres_triton._query_grad(sources, coef) - want).abs().max().item() / scale
+        row(f"dq_kernel_{spec}", lambda: attnres_triton._query_grad(sources, coef), floor, err)
+
+
 def phase_one_ops(args, g: torch.Generator) -> None:
     """The phase-1 operators alone against flash-attn-res (see the module docstring)."""
     n, d, s_count, r_count = args.tokens, args.dim, args.sources, args.reads
@@ -213,17 +246,18 @@ def phase_one_ops(args, g: torch.Generator) -> None:
 
     mix_op, mix_bwd_op = torch.ops.kotodama.attnres_block_mix, torch.ops.kotodama.attnres_block_mix_backward
     results = {}
-    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD))
+    defaults = (dict(attnres_triton.MIX_FORWARD), dict(attnres_triton.MIX_BACKWARD), dict(attnres_triton.QUERY_GRAD))
     for dtype_name in args.mix_dtypes.split(","):
         mix_dtype = MIX_DTYPES[dtype_name]
         g_mixes = [x.to(mix_dtype) for x in grad_mixes]
         # the floors with this mix dtype: the R mixes and their gradients at its width
         extra = r_count * n * d * (mix_dtype.itemsize - 2)
         for spec in args.mix_warps.split(","):
-            fwd_w, bwd_w, unroll = (int(x) for x in spec.split("/"))
+            fwd_w, bwd_w, unroll, *stages = (int(x) for x in spec.split("/"))
+            stages = stages[0] if stages else defaults[1]["stages"]
             attnres_triton.MIX_FORWARD.update(warps=fwd_w, unroll_reads=unroll)
-            attnres_triton.MIX_BACKWARD.update(warps=bwd_w)
-            tag = f"{dtype_name}_w{fwd_w}/{bwd_w}_u{unroll}"
+            attnres_triton.MIX_BACKWARD.update(warps=bwd_w, stages=stages)
+            tag = f"{dtype_name}_w{fwd_w}/{bwd_w}_u{unroll}_s{stages}"
             mixes, lse, logits = mix_op(sources, folded, EPS, mix_dtype)
             results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, mix_dtype),
                                                 floor_fwd + extra)
@@ -241,6 +275,8 @@ def phase_one_ops(args, g: torch.Generator) -> None:
                                                     floor_fwd + floor_bwd + 2 * extra)
     attnres_triton.MIX_FORWARD.update(defaults[0])
     attnres_triton.MIX_BACKWARD.update(defaults[1])
+    query_grads(args, sources, folded, g_mixes, grad_lse, row)
+    attnres_triton.QUERY_GRAD.update(defaults[2])
     try:
         from flash_attn_res.ops import phase_1 as far
     except ImportError as exc:
@@ -291,13 +327,16 @@ def main() -> None:
                     help="comma list of sections: phase1, merge, phase1_ops")
     ap.add_argument("--mix-warps", default="1/1/8,1/1/0,2/2/8",
                     help="phase1_ops: launch choices of the phase-1 kernels, forward warps/backward warps/"
-                         "reads unrolled up to (0: never)")
+                         "reads unrolled up to (0: never)[/backward pipeline stages]")
+    ap.add_argument("--query-grad", default="32x64x8x2:tf32x3,32x64x8x2:ieee,64x64x8x2:tf32x3",
+                    help="phase1_ops: shapes of the ∂q̃ kernel, tokensxcolsxwarpsxstages:precision (tf32x3, ieee, tf32)")
     ap.add_argument("--mix-dtypes", default="fp32,bf16",
                     help="phase1_ops: mix dtypes to time (fp32: as the model stores them; bf16: as flash-attn-res)")
     ap.add_argument("--bandwidth", type=float, default=4300.0,
                     help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",
-                    help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps")
+                    help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps"
+                         "[xstages of its row loop]")
     ap.add_argument("--merge-mix-dtype", default="fp32", choices=tuple(MIX_DTYPES),
                     help="the dtype of the phase-1 mix the merge reads (train.attn_res_mix_dtype)")
     args = ap.parse_args()

@@ -83,14 +83,16 @@ def _resources(cubin: bytes, cuobjdump: Path) -> dict[str, int]:
     return {"registers": int(found[1]), "stack_bytes": int(found[2]), "shared_bytes": int(found[3])}
 
 
-def compile_report(name: str, fn, args: dict, constexprs: dict, num_warps: int, arch: int) -> dict:
+def compile_report(name: str, fn, args: dict, constexprs: dict, num_warps: int, num_stages: int | None = None,
+                   *, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature, constants, attrs = _signature(fn, args, constexprs)
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, **({} if num_stages is None else {"num_stages": num_stages})})
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     ptx = kernel.asm["ptx"]
     return {"kernel": name, "num_warps": num_warps, **_resources(kernel.asm["cubin"], cuobjdump),
@@ -118,9 +120,25 @@ def attnres_configs():
         yield (f"attnres_mix_backward {tag}", at._mix_backward_kernel,
                {"SRC": src, "GQ": "*fp32", "LOGITS": "*fp32", "LSE": "*fp32", "GRAD_MIX_TABLE": "*i64",
                 "GRAD_LSE": "*fp32", "GRAD_SRC": src, "COEF": "*fp32", "N": n, "D": d, "eps": "fp32"},
-               backward, backward_warps)
+               {**backward, "STAGES": at.MIX_BACKWARD["stages"]}, backward_warps)
+        if mix_dtype == torch.float32:  # the ∂q̃ reduction reads the sources only
+            yield from query_grad_configs(sources, reads)
     for mix in ("fp32", "bf16"):
         yield from merge_configs(mix)
+
+
+def query_grad_configs(sources: int, reads: int):
+    """The ∂q̃ reduction of a block's backward, as attnres_triton._query_grad launches it."""
+    from kotodama_core.model import attnres_triton as at
+
+    shape = at.QUERY_GRAD
+    tiles = -(-TOKENS // shape["tokens"])
+    yield (f"attnres_query_grad S{sources} R{reads}", at._query_grad_kernel,
+           {"SRC": tuple(["*fp32"] * sources), "COEF": "*fp32", "PART": "*fp32", "N": ("i32", TOKENS),
+            "D": ("i32", WIDTH)},
+           {"S": sources, "R": reads, "R_PAD": max(16, 1 << (reads - 1).bit_length()), "BLOCK_N": shape["tokens"],
+            "BLOCK_D": min(shape["cols"], WIDTH), "TILES_PER_PROGRAM": -(-tiles // shape["programs"]),
+            "PRECISION": shape["precision"]}, shape["warps"], shape["stages"])
 
 
 def merge_configs(mix: str):

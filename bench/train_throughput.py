@@ -321,7 +321,7 @@ def graphed_step_ms(opt) -> float:
 
 
 # Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).
-KERNEL_FAMILIES = (("attnres_kernels", ("_mix_forward", "_mix_backward", "_merge_norm")),
+KERNEL_FAMILIES = (("attnres_kernels", ("_mix_forward", "_mix_backward", "_query_grad", "_merge_norm")),
                    ("muon_kernels", ("_muon_momentum_kernel", "_muon_normalize_kernel", "_muon_apply_kernel")),
                    ("attention", ("flash", "fmha", "cudnn")),
                    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "splitK")),

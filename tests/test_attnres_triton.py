@@ -80,6 +80,26 @@ def test_one_mix_alone_or_one_lse_alone_gets_gradients():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_query_gradient_reduction_over_many_token_tiles_and_column_tiles(monkeypatch):
+    """∂q̃ sums over every token: with small tiles, several programs each loop over several token tiles, the
+    last ones partly masked, and the width spans a partial column tile."""
+    monkeypatch.setitem(attnres_triton.QUERY_GRAD, "tokens", 8)
+    monkeypatch.setitem(attnres_triton.QUERY_GRAD, "programs", 3)
+    g = torch.Generator().manual_seed(3)
+    done = [(torch.randn(2, 50, 80, generator=g) * (s + 1)).to(DEVICE).requires_grad_() for s in range(3)]
+    queries = torch.randn(18, 80, generator=g).to(DEVICE).requires_grad_()
+    gains = (torch.rand(18, 80, generator=g) + 0.5).to(DEVICE).requires_grad_()
+    mix_ref, lse_ref = completed_sources_mix(done, queries, gains, EPS)
+    mixes, lses = attnres_triton.completed_sources_mix_triton(done, queries, gains, EPS)
+    up_mix = torch.randn(mix_ref.shape, generator=g).to(DEVICE)
+    up_lse = torch.randn(lse_ref.shape, generator=g).to(DEVICE)
+    want = torch.autograd.grad((mix_ref * up_mix).sum() + (lse_ref * up_lse).sum(), [queries, gains])
+    got = torch.autograd.grad((torch.stack(mixes) * up_mix).sum() + (torch.stack(lses) * up_lse).sum(),
+                              [queries, gains])
+    for name, h, w in zip(("queries", "gains"), got, want):  # sums of 100 tokens: the scale sets atol
+        torch.testing.assert_close(h, w, rtol=1e-4, atol=1e-5 * w.abs().max().item(), msg=name)
+
+
 @pytest.mark.parametrize("batch, seq, dim", [(2, 5, 32), (1, 13, 48), (3, 37, 64)])
 def test_fused_merge_read_norm_matches_pytorch_forward_and_backward(batch, seq, dim):
     g = torch.Generator().manual_seed(dim)

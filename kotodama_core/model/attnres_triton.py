@@ -13,7 +13,8 @@ kept (S·R per token) for backward, which runs in two passes over the R reads, w
     pass 1 (sources in registers):  a_rs = ⟨G_r, v_s⟩,   ∂ℓ_rs = w_rs·(a_rs − Σ_s' w_rs'·a_rs') + γ_r·w_rs,
                                     c_s = Σ_r ∂ℓ_rs·ℓ_rs
     pass 2 (gradients in registers): ∂v_s = Σ_r w_rs·G_r + inv_s·Σ_r ∂ℓ_rs·q̃_r − (inv_s²/D)·c_s·v_s
-    ∂q̃_r = Σ_n Σ_s (∂ℓ_rs·inv_s)·v_s      (the kernel writes the coefficients; S matmuls reduce over n)
+    ∂q̃_r = Σ_n Σ_s (∂ℓ_rs·inv_s)·v_s      (the kernel writes the coefficients c_srn = ∂ℓ_rs·inv_s; a
+                                           second kernel reduces them against all S sources over n)
 Phase 2 and the consuming layer's RMSNorm run as one kernel per read (attnres.merged_read_norm), with
 the folded query q̃ = g∘q, the norm weight w and, per token, the open block's sum p, the phase-1 mix m
 and lse:
@@ -105,11 +106,11 @@ if triton is not None:
     @triton.jit
     def _mix_backward_kernel(SRC, GQ, LOGITS, LSE, GRAD_MIX_TABLE, GRAD_LSE, GRAD_SRC, COEF, N, D, eps,
                              S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                             MIX_BF16: tl.constexpr):
+                             MIX_BF16: tl.constexpr, STAGES: tl.constexpr):
         n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
         # Pass 1: the logit gradients of every read, written as coefficients ∂ℓ_rs·inv_s.
         norm_term = tl.zeros((S_PAD,), dtype=tl.float32)
-        for r in tl.range(0, R):
+        for r in tl.range(0, R, num_stages=STAGES):
             logit = tl.load(LOGITS + (r * N + n) * S + s, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
             g = tl.load(_row_pointer(GRAD_MIX_TABLE, r, n, D, MIX_BF16) + d, mask=d_ok, other=0.0).to(tl.float32)
@@ -121,7 +122,7 @@ if triton is not None:
         # logits, the coefficients this program wrote, the mix gradients) comes from cache.
         tl.debug_barrier()
         grad_v = -(inv * inv * norm_term / D)[:, None] * v
-        for r in tl.range(0, R):
+        for r in tl.range(0, R, num_stages=STAGES):
             logit = tl.load(LOGITS + (r * N + n) * S + s, mask=s_ok, other=0.0)
             w = tl.where(s_ok, tl.exp(logit - tl.load(LSE + r * N + n)), 0.0)
             coef = tl.load(COEF + (s * R + r) * N + n, mask=s_ok, other=0.0)
@@ -132,6 +133,30 @@ if triton is not None:
             row = tl.sum(tl.where(s[:, None] == k, grad_v, 0.0), axis=0)
             tl.store(GRAD_SRC[k] + n * D + d, row.to(GRAD_SRC[k].dtype.element_ty), mask=d_ok)
 
+    @triton.jit
+    def _query_grad_kernel(SRC, COEF, PART, N, D, S: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr,
+                           PRECISION: tl.constexpr):
+        """PART[p, r, d] = Σ_n Σ_s COEF[s, r, n]·SRC[s][n, d] over program p's tokens, for its tile of d:
+        one (R_PAD × BLOCK_N)·(BLOCK_N × BLOCK_D) product per source and token tile, so each source is
+        read once for all R reads (S separate (R × N)·(N × D) matmuls read it once per read tile and run
+        as skinny SIMT split-K GEMMs)."""
+        pid_n = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        r = tl.arange(0, R_PAD)
+        d_ok, r_ok = d < D, r < R
+        acc = tl.zeros((R_PAD, BLOCK_D), dtype=tl.float32)
+        for i in tl.range(0, TILES_PER_PROGRAM):
+            n = (pid_n * TILES_PER_PROGRAM + i) * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < N
+            for k in tl.static_range(S):
+                coef = tl.load(COEF + (k * R + r[:, None]) * N + n[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                               other=0.0)
+                v = tl.load(SRC[k] + n.to(tl.int64)[:, None] * D + d[None, :], mask=n_ok[:, None] & d_ok[None, :],
+                            other=0.0).to(tl.float32)
+                acc = tl.dot(coef, v, acc, input_precision=PRECISION)
+        tl.store(PART + (pid_n * R + r[:, None]) * D + d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
+
     # Warps per token program of the phase-1 kernels. One warp keeps every reduction inside the warp, but
     # caps a Hopper SM at 32 resident one-warp programs (half its warp slots); more warps per token put
     # more loads in flight per program at the price of cross-warp reductions. bench/attnres_kernels.py
@@ -141,10 +166,33 @@ if triton is not None:
     # The backward keeps two passes over the reads even where one would fit (sources and source
     # gradients both in registers, S ≤ 4): at 223 registers a thread, one pass ran 0.91 ms against the two
     # passes' 0.70 (S 4, R 18, 32,768 tokens, bf16 mix gradients, H200), as fewer warps fit on an SM.
-    MIX_BACKWARD = {"warps": 1}
+    # `stages` > 1 software-pipelines the loads of its loops over the reads (Triton's cp.async prefetch).
+    MIX_BACKWARD = {"warps": 1, "stages": 1}
+    # The ∂q̃ reduction (_query_grad_kernel): tokens × columns per tile, token-tile programs, warps,
+    # pipeline stages, and the products' precision: tf32x3 (three TF32 tensor-core products, about fp32's
+    # accuracy); the interpreter computes in fp32 whatever is asked. At 8 warps and 32 × 64 tiles the
+    # kernel takes 127 registers at S 4, R 18 (sm_90, bench/kernel_codegen.py); 4 warps or 64 × 128
+    # tiles spill.
+    QUERY_GRAD = {"tokens": 32, "cols": 64, "programs": 64, "warps": 8, "stages": 2, "precision": "tf32x3"}
 
     def _aligned(t: Tensor) -> Tensor:
         return t if t.data_ptr() % 16 == 0 else t.clone()
+
+    def _query_grad(sources: list[Tensor], coef: Tensor) -> Tensor:
+        """∂q̃ (R, D) = Σ_s coef[s] @ sources[s] with coef (S, R, N), by _query_grad_kernel's partial rows."""
+        n, d = sources[0].shape
+        num_sources, r = coef.shape[0], coef.shape[1]
+        shape = QUERY_GRAD
+        tiles = triton.cdiv(n, shape["tokens"])
+        tiles_per_program = triton.cdiv(tiles, shape["programs"])
+        programs = triton.cdiv(tiles, tiles_per_program)
+        part = torch.empty((programs, r, d), dtype=torch.float32, device=coef.device)
+        block_d = min(shape["cols"], triton.next_power_of_2(d))
+        _query_grad_kernel[(programs, triton.cdiv(d, block_d))](
+            tuple(sources), coef, part, n, d, S=num_sources, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
+            BLOCK_N=shape["tokens"], BLOCK_D=block_d, TILES_PER_PROGRAM=tiles_per_program,
+            PRECISION=shape["precision"], num_warps=shape["warps"], num_stages=shape["stages"])
+        return part.sum(0)
 
     def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype, warps: int = 1) -> dict:
         if mix_dtype not in (torch.float32, torch.bfloat16):
@@ -191,12 +239,9 @@ if triton is not None:
         # offset is copied so that the declaration holds.
         grad_mixes = [_aligned(g.to(mix_dtype).contiguous()) for g in grad_mixes]
         _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
-                                   tuple(grad_sources), coef, n, d, eps,
+                                   tuple(grad_sources), coef, n, d, eps, STAGES=MIX_BACKWARD["stages"],
                                    **_mix_meta(len(sources), r, d, mix_dtype, MIX_BACKWARD["warps"]))
-        grad_q = coef[0] @ sources[0].float()
-        for k in range(1, len(sources)):
-            grad_q = grad_q + coef[k] @ sources[k].float()
-        return grad_sources, grad_q
+        return grad_sources, _query_grad(sources, coef)
 
     @attnres_block_mix_backward.register_fake
     def _(sources, folded_queries, logits, lse, grad_mixes, grad_lse, eps):
@@ -256,7 +301,7 @@ if triton is not None:
     def _merge_norm_backward_kernel(MIX, P, GQ, WN, GY, GP_IN, SIG, INV_P, RSTD, GRAD_MIX, GRAD_P, GRAD_DELTA,
                                     GRAD_LSE, PART_WN, PART_GQ, N, D, TILES_PER_PROGRAM: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
-                                    HAS_GRAD_P: tl.constexpr):
+                                    HAS_GRAD_P: tl.constexpr, STAGES: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -264,7 +309,7 @@ if triton is not None:
         wn = tl.load(WN + cols, mask=col_ok, other=0.0)
         acc_wn = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         acc_gq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for i in tl.range(0, TILES_PER_PROGRAM, loop_unroll_factor=1):
+        for i in tl.range(0, TILES_PER_PROGRAM, loop_unroll_factor=1, num_stages=STAGES):
             rows = (pid * TILES_PER_PROGRAM + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             tile = row_ok[:, None] & col_ok[None, :]
@@ -297,13 +342,17 @@ if triton is not None:
 
     # Launch shapes of the merge kernels: rows per program and warps per program. One warp per row keeps
     # every reduction inside the warp (no shared-memory round trips); the backward kernel's programs
-    # loop over rows, each writing one partial row of the two token sums (at most MERGE_PROGRAMS rows).
+    # loop over rows, each writing one partial row of the two token sums (at most MERGE_PROGRAMS rows);
+    # `stages` > 1 software-pipelines the loads of that loop.
     MERGE_FORWARD = {"rows": 1, "warps": 1}
-    MERGE_BACKWARD = {"rows": 1, "warps": 1}
+    MERGE_BACKWARD = {"rows": 1, "warps": 1, "stages": 1}
     MERGE_PROGRAMS = 2048
 
     def _merge_meta(shape: dict, d: int) -> dict:
-        return {"BLOCK_M": shape["rows"], "BLOCK_D": triton.next_power_of_2(d), "num_warps": shape["warps"]}
+        meta = {"BLOCK_M": shape["rows"], "BLOCK_D": triton.next_power_of_2(d), "num_warps": shape["warps"]}
+        if "stages" in shape:  # the backward kernel's row loop
+            meta["STAGES"] = shape["stages"]
+        return meta
 
     # Kernel arguments a launch does not use (its HAS_* switch is off) point at one of its own outputs;
     # the kernel never touches them.
