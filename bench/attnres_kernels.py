@@ -197,9 +197,10 @@ def query_grads(args, sources, folded, grad_mixes, grad_lse, row) -> None:
     _mixes, lse, logits = torch.ops.kotodama.attnres_block_mix(sources, folded, EPS, grad_mixes[0].dtype)
     coef = torch.empty((s_count, r_count, n), dtype=torch.float32, device="cuda")
     grad_sources = [torch.empty_like(v) for v in sources]
+    mix_dtype = grad_mixes[0].dtype
     attnres_triton._mix_backward_kernel[(n,)](
         tuple(sources), folded, logits, lse, attnres_triton._pointer_table(grad_mixes), grad_lse, tuple(grad_sources),
-        coef, n, d, EPS, STAGES=1, **attnres_triton._mix_meta(s_count, r_count, d, grad_mixes[0].dtype))
+        coef, n, d, EPS, STAGES=1, **attnres_triton._mix_meta(s_count, r_count, d, mix_dtype))
     floor = s_count * n * d * 4 + s_count * r_count * n * 4
 
     def matmuls():
@@ -213,11 +214,12 @@ def query_grads(args, sources, folded, grad_mixes, grad_lse, row) -> None:
     for spec in args.query_grad.split(","):
         shape, precision = spec.split(":")
         tokens, cols, warps, stages = (int(x) for x in shape.split("x"))
-        attnres_triton.QUERY_GRAD.update(tokens=tokens, cols=cols, warps=warps, stages=stages, precision=precision)
+        attnres_triton.QUERY_GRAD.update(tokens=tokens, cols=cols, warps=warps, stages=stages,
+                                         precision={mix_dtype: precision})
 
         def err():  # largest difference from the fp32 matmuls, relative to ∂q̃'s largest entry
-            return (attnres_triton._query_grad(sources, coef) - want).abs().max().item() / scale
-        row(f"dq_kernel_{spec}", lambda: attnres_triton._query_grad(sources, coef), floor, err)
+            return (attnres_triton._query_grad(sources, coef, mix_dtype) - want).abs().max().item() / scale
+        row(f"dq_kernel_{spec}", lambda: attnres_triton._query_grad(sources, coef, mix_dtype), floor, err)
 
 
 def phase_one_ops(args, g: torch.Generator) -> None:
@@ -254,10 +256,14 @@ def phase_one_ops(args, g: torch.Generator) -> None:
         extra = r_count * n * d * (mix_dtype.itemsize - 2)
         for spec in args.mix_warps.split(","):
             fwd_w, bwd_w, unroll, *stages = (int(x) for x in spec.split("/"))
-            stages = stages[0] if stages else defaults[1]["stages"]
             attnres_triton.MIX_FORWARD.update(warps=fwd_w, unroll_reads=unroll)
-            attnres_triton.MIX_BACKWARD.update(warps=bwd_w, stages=stages)
-            tag = f"{dtype_name}_w{fwd_w}/{bwd_w}_u{unroll}_s{stages}"
+            attnres_triton.MIX_BACKWARD.update(warps=bwd_w)
+            if stages:  # given stages hold at every S
+                attnres_triton.MIX_BACKWARD.update(stages=stages[0], pipelined_from=0)
+            if len(stages) > 1:
+                attnres_triton.MIX_FORWARD.update(stages=stages[1])
+            tag = (f"{dtype_name}_w{fwd_w}/{bwd_w}_u{unroll}_s{attnres_triton._backward_stages(s_count)}"
+                   f"/{attnres_triton.MIX_FORWARD['stages']}")
             mixes, lse, logits = mix_op(sources, folded, EPS, mix_dtype)
             results[f"project_fwd_{tag}"] = row(f"project_fwd_{tag}", lambda: mix_op(sources, folded, EPS, mix_dtype),
                                                 floor_fwd + extra)
@@ -327,8 +333,8 @@ def main() -> None:
                     help="comma list of sections: phase1, merge, phase1_ops")
     ap.add_argument("--mix-warps", default="1/1/8,1/1/0,2/2/8",
                     help="phase1_ops: launch choices of the phase-1 kernels, forward warps/backward warps/"
-                         "reads unrolled up to (0: never)[/backward pipeline stages]")
-    ap.add_argument("--query-grad", default="32x64x8x2:tf32x3,32x64x8x2:ieee,64x64x8x2:tf32x3",
+                         "reads unrolled up to (0: never)[/backward pipeline stages at every S[/forward stages]]")
+    ap.add_argument("--query-grad", default="32x64x8x2:tf32x3,32x64x8x2:tf32,32x128x8x2:tf32",
                     help="phase1_ops: shapes of the ∂q̃ kernel, tokensxcolsxwarpsxstages:precision (tf32x3, ieee, tf32)")
     ap.add_argument("--mix-dtypes", default="fp32,bf16",
                     help="phase1_ops: mix dtypes to time (fp32: as the model stores them; bf16: as flash-attn-res)")

@@ -115,30 +115,32 @@ def attnres_configs():
         forward_warps, backward_warps = forward.pop("num_warps"), backward.pop("num_warps")
         yield (f"attnres_mix_forward {tag}", at._mix_forward_kernel,
                {"SRC": src, "GQ": "*fp32", "MIX_TABLE": "*i64", "LOGITS": "*fp32", "LSE": "*fp32", "N": n, "D": d,
-                "eps": "fp32"}, {**forward, "UNROLL": reads <= at.MIX_FORWARD["unroll_reads"]},
+                "eps": "fp32"},
+               {**forward, "UNROLL": reads <= at.MIX_FORWARD["unroll_reads"], "STAGES": at.MIX_FORWARD["stages"]},
                forward_warps)
         yield (f"attnres_mix_backward {tag}", at._mix_backward_kernel,
                {"SRC": src, "GQ": "*fp32", "LOGITS": "*fp32", "LSE": "*fp32", "GRAD_MIX_TABLE": "*i64",
                 "GRAD_LSE": "*fp32", "GRAD_SRC": src, "COEF": "*fp32", "N": n, "D": d, "eps": "fp32"},
-               {**backward, "STAGES": at.MIX_BACKWARD["stages"]}, backward_warps)
-        if mix_dtype == torch.float32:  # the ∂q̃ reduction reads the sources only
-            yield from query_grad_configs(sources, reads)
+               {**backward, "STAGES": at._backward_stages(sources)}, backward_warps)
+        yield from query_grad_configs(sources, reads, mix_dtype)
     for mix in ("fp32", "bf16"):
         yield from merge_configs(mix)
 
 
-def query_grad_configs(sources: int, reads: int):
-    """The ∂q̃ reduction of a block's backward, as attnres_triton._query_grad launches it."""
+def query_grad_configs(sources: int, reads: int, mix_dtype: torch.dtype):
+    """The ∂q̃ reduction of a block's backward, as attnres_triton._query_grad launches it for mixes of
+    mix_dtype (which set its products' precision)."""
     from kotodama_core.model import attnres_triton as at
 
     shape = at.QUERY_GRAD
     tiles = -(-TOKENS // shape["tokens"])
-    yield (f"attnres_query_grad S{sources} R{reads}", at._query_grad_kernel,
+    tag = f"S{sources} R{reads}" + (" bf16 mix" if mix_dtype == torch.bfloat16 else "")
+    yield (f"attnres_query_grad {tag}", at._query_grad_kernel,
            {"SRC": tuple(["*fp32"] * sources), "COEF": "*fp32", "PART": "*fp32", "N": ("i32", TOKENS),
             "D": ("i32", WIDTH)},
            {"S": sources, "R": reads, "R_PAD": max(16, 1 << (reads - 1).bit_length()), "BLOCK_N": shape["tokens"],
             "BLOCK_D": min(shape["cols"], WIDTH), "TILES_PER_PROGRAM": -(-tiles // shape["programs"]),
-            "PRECISION": shape["precision"]}, shape["warps"], shape["stages"])
+            "PRECISION": shape["precision"][mix_dtype]}, shape["warps"], shape["stages"])
 
 
 def merge_configs(mix: str):

@@ -94,13 +94,13 @@ if triton is not None:
     @triton.jit
     def _mix_forward_kernel(SRC, GQ, MIX_TABLE, LOGITS, LSE, N, D, eps,
                             S: tl.constexpr, R: tl.constexpr, S_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
-                            MIX_BF16: tl.constexpr, UNROLL: tl.constexpr):
+                            MIX_BF16: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr):
         n, s, d, s_ok, d_ok, v, inv = _load_token_sources(SRC, N, D, eps, S, S_PAD, BLOCK_D)
         if UNROLL:  # every read's loads and stores in flight together (few reads)
             for r in tl.static_range(R):
                 _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D, S, MIX_BF16)
         else:
-            for r in tl.range(0, R):
+            for r in tl.range(0, R, num_stages=STAGES):
                 _mix_one_read(r, v, inv, s, d, s_ok, d_ok, n, GQ, MIX_TABLE, LOGITS, LSE, N, D, S, MIX_BF16)
 
     @triton.jit
@@ -161,25 +161,34 @@ if triton is not None:
     # caps a Hopper SM at 32 resident one-warp programs (half its warp slots); more warps per token put
     # more loads in flight per program at the price of cross-warp reductions. bench/attnres_kernels.py
     # (--mix-warps) times the choices.
-    # The forward kernel unrolls its loop over the reads up to this many reads.
-    MIX_FORWARD = {"warps": 1, "unroll_reads": 8}
+    # The forward kernel unrolls its loop over the reads up to this many reads; `stages` > 1
+    # software-pipelines the loads of a loop it does not unroll (Triton's cp.async prefetch).
+    MIX_FORWARD = {"warps": 1, "unroll_reads": 8, "stages": 1}
     # The backward keeps two passes over the reads even where one would fit (sources and source
     # gradients both in registers, S ≤ 4): at 223 registers a thread, one pass ran 0.91 ms against the two
     # passes' 0.70 (S 4, R 18, 32,768 tokens, bf16 mix gradients, H200), as fewer warps fit on an SM.
-    # `stages` > 1 software-pipelines the loads of its loops over the reads (Triton's cp.async prefetch).
-    MIX_BACKWARD = {"warps": 1, "stages": 1}
+    # Its loops over the reads are pipelined `stages` deep from `pipelined_from` sources on: 3 stages
+    # took S 4, R 18 from 0.69 to 0.60 ms and S 6, R 7 from 0.48 to 0.44, but S 2, R 8 from 0.22 to
+    # 0.25 (bf16 mix gradients, H200, 2026-12-04 eighth session).
+    MIX_BACKWARD = {"warps": 1, "stages": 3, "pipelined_from": 3}
     # The ∂q̃ reduction (_query_grad_kernel): tokens × columns per tile, token-tile programs, warps,
-    # pipeline stages, and the products' precision: tf32x3 (three TF32 tensor-core products, about fp32's
-    # accuracy); the interpreter computes in fp32 whatever is asked. At 8 warps and 32 × 64 tiles the
-    # kernel takes 127 registers at S 4, R 18 (sm_90, bench/kernel_codegen.py); 4 warps or 64 × 128
-    # tiles spill.
-    QUERY_GRAD = {"tokens": 32, "cols": 64, "programs": 64, "warps": 8, "stages": 2, "precision": "tf32x3"}
+    # pipeline stages, and the products' precision by the mixes' dtype. With fp32 mixes tf32x3 (three
+    # TF32 tensor-core products, about fp32's accuracy: 5e-7 of the largest entry); with bf16 mixes,
+    # whose rounding (4e-3) already bounds the gradients, one TF32 product (9e-4), at half the time.
+    # The interpreter computes in fp32 whatever is asked. At 8 warps and 32 × 64 tiles the kernel takes
+    # 127 registers at S 4, R 18 (sm_90, bench/kernel_codegen.py); 4 warps or 64 × 128 tiles spill.
+    QUERY_GRAD = {"tokens": 32, "cols": 64, "programs": 64, "warps": 8, "stages": 2,
+                  "precision": {torch.float32: "tf32x3", torch.bfloat16: "tf32"}}
+
+    def _backward_stages(num_sources: int) -> int:
+        return MIX_BACKWARD["stages"] if num_sources >= MIX_BACKWARD["pipelined_from"] else 1
 
     def _aligned(t: Tensor) -> Tensor:
         return t if t.data_ptr() % 16 == 0 else t.clone()
 
-    def _query_grad(sources: list[Tensor], coef: Tensor) -> Tensor:
-        """∂q̃ (R, D) = Σ_s coef[s] @ sources[s] with coef (S, R, N), by _query_grad_kernel's partial rows."""
+    def _query_grad(sources: list[Tensor], coef: Tensor, mix_dtype: torch.dtype) -> Tensor:
+        """∂q̃ (R, D) = Σ_s coef[s] @ sources[s] with coef (S, R, N), by _query_grad_kernel's partial rows,
+        at the products' precision for mixes of mix_dtype."""
         n, d = sources[0].shape
         num_sources, r = coef.shape[0], coef.shape[1]
         shape = QUERY_GRAD
@@ -191,8 +200,15 @@ if triton is not None:
         _query_grad_kernel[(programs, triton.cdiv(d, block_d))](
             tuple(sources), coef, part, n, d, S=num_sources, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
             BLOCK_N=shape["tokens"], BLOCK_D=block_d, TILES_PER_PROGRAM=tiles_per_program,
-            PRECISION=shape["precision"], num_warps=shape["warps"], num_stages=shape["stages"])
+            PRECISION=_dot_precision(shape["precision"][mix_dtype], coef.device), num_warps=shape["warps"],
+            num_stages=shape["stages"])
         return part.sum(0)
+
+    def _dot_precision(precision: str, device: torch.device) -> str:
+        """`precision`, or full fp32 products on a device before Ampere (which has no TF32)."""
+        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+            return "ieee"
+        return precision
 
     def _mix_meta(num_sources: int, num_reads: int, dim: int, mix_dtype: torch.dtype, warps: int = 1) -> dict:
         if mix_dtype not in (torch.float32, torch.bfloat16):
@@ -214,7 +230,7 @@ if triton is not None:
         logits = torch.empty((r, n, len(sources)), dtype=torch.float32, device=sources[0].device)
         lse = torch.empty((r, n), dtype=torch.float32, device=sources[0].device)
         _mix_forward_kernel[(n,)](tuple(sources), folded_queries, _pointer_table(mixes), logits, lse, n, d, eps,
-                                  UNROLL=r <= MIX_FORWARD["unroll_reads"],
+                                  UNROLL=r <= MIX_FORWARD["unroll_reads"], STAGES=MIX_FORWARD["stages"],
                                   **_mix_meta(len(sources), r, d, mix_dtype, MIX_FORWARD["warps"]))
         return mixes, lse, logits
 
@@ -239,9 +255,9 @@ if triton is not None:
         # offset is copied so that the declaration holds.
         grad_mixes = [_aligned(g.to(mix_dtype).contiguous()) for g in grad_mixes]
         _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
-                                   tuple(grad_sources), coef, n, d, eps, STAGES=MIX_BACKWARD["stages"],
+                                   tuple(grad_sources), coef, n, d, eps, STAGES=_backward_stages(len(sources)),
                                    **_mix_meta(len(sources), r, d, mix_dtype, MIX_BACKWARD["warps"]))
-        return grad_sources, _query_grad(sources, coef)
+        return grad_sources, _query_grad(sources, coef, mix_dtype)
 
     @attnres_block_mix_backward.register_fake
     def _(sources, folded_queries, logits, lse, grad_mixes, grad_lse, eps):
