@@ -162,8 +162,10 @@ if triton is not None:
     # more loads in flight per program at the price of cross-warp reductions. bench/attnres_kernels.py
     # (--mix-warps) times the choices.
     # The forward kernel unrolls its loop over the reads up to this many reads; `stages` > 1
-    # software-pipelines the loads of a loop it does not unroll (Triton's cp.async prefetch).
-    MIX_FORWARD = {"warps": 1, "unroll_reads": 8, "stages": 1}
+    # software-pipelines the loads of a loop it does not unroll (Triton's cp.async prefetch): 3 stages
+    # took S 4, R 18 from 0.46 to 0.35 ms (bf16 mixes, H200, 2026-12-04 eighth session); unrolling
+    # all 18 reads instead gained nothing (0.46).
+    MIX_FORWARD = {"warps": 1, "unroll_reads": 8, "stages": 3}
     # The backward keeps two passes over the reads even where one would fit (sources and source
     # gradients both in registers, S ≤ 4): at 223 registers a thread, one pass ran 0.91 ms against the two
     # passes' 0.70 (S 4, R 18, 32,768 tokens, bf16 mix gradients, H200), as fewer warps fit on an SM.
