@@ -30,6 +30,9 @@ flash-attn-res 0.1.12 when it is importable (carry its wheel; it is not a depend
     far_fwd / far_bwd           flash-attn-res' phase-1 forward and backward ops (their ∂q reduce included)
     *_fwd_bwd                   forward + backward through autograd with fixed upstream gradients
                                 (torch.autograd.backward: no loss kernels in the timing)
+    dq_matmuls / dq_kernel_*    ∂q̃ from one backward's coefficients: the S fp32 matmuls it once was,
+                                against attnres_triton's reduction kernel at each --query-grad shape and
+                                precision (`max_err`: largest difference ÷ largest entry)
 at each --mix-warps choice (forward/backward warps per token program, forward reads unrolled up to) and
 --mix-dtypes (fp32 mixes as the model keeps them, bf16 as flash-attn-res writes them) for the project. Each row gives the
 traffic floor of a one-pass implementation and the time it implies at --bandwidth GB/s:

@@ -233,7 +233,11 @@ def test_compiled_model_with_kernels_is_as_close_to_fp32_as_pytorch(monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("mix_precision", ["float32", "activation"])
-def test_compiled_bf16_model_with_kernels_matches_pytorch_reads(mix_precision):
+def test_compiled_bf16_model_with_kernels_is_as_close_to_fp32_as_pytorch_reads(mix_precision):
+    """A larger model than _small_model_grads', compiled whole under bf16 autocast: the kernels' loss matches
+    the PyTorch reads', and each gradient is within 2× the PyTorch reads' error against eager fp32 (+1e-3).
+    Compared elementwise with each other instead, the two bf16 paths differed by up to the tolerance on
+    the o_proj gradients, whose bf16 error is 8 % on both (H200, 2026-12-04 eighth session)."""
     from kotodama_core.model import KotodamaConfig, KotodamaLM
 
     cfg = KotodamaConfig(hidden_size=128, num_layers=6, num_attention_heads=2, num_kv_heads=1, head_dim=64,
@@ -242,7 +246,7 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads(mix_precision):
     torch.manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (4, 129), device="cuda")
     results = {}
-    for use_kernels in (False, True):
+    for use_kernels, bf16 in ((False, False), (False, True), (True, True)):
         torch.manual_seed(1)
         model = KotodamaLM(cfg, device="cuda")
         with torch.no_grad():
@@ -250,13 +254,17 @@ def test_compiled_bf16_model_with_kernels_matches_pytorch_reads(mix_precision):
                 if name.endswith("res_query"):
                     p.normal_(0.0, 0.5)
         model.attn_res_runtime = AttnResRuntime(kernels=use_kernels, mix_precision=mix_precision)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = torch.compile(model)(ids[:, :-1], ids[:, 1:])
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = (torch.compile(model) if bf16 else model)(ids[:, :-1], ids[:, 1:])
         loss.backward()
-        results[use_kernels] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=2e-2, atol=2e-2)
-    for name, grad in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], grad, rtol=5e-2, atol=5e-3, msg=name)
+        results[use_kernels, bf16] = (loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()})
+    (kernel_loss, kernels), (torch_loss, torch_reads) = results[True, True], results[False, True]
+    torch.testing.assert_close(kernel_loss, torch_loss, rtol=2e-2, atol=2e-2)
+    for name, exact in results[False, False][1].items():
+        scale = exact.norm() + 1e-12
+        torch_err = ((torch_reads[name] - exact).norm() / scale).item()
+        kernel_err = ((kernels[name] - exact).norm() / scale).item()
+        assert kernel_err <= 2 * torch_err + 1e-3, (name, kernel_err, torch_err)
 
 
 def test_pointer_table_is_built_on_the_device_once_per_set_of_buffers():
