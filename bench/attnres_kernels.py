@@ -155,10 +155,8 @@ def merge(args, g: torch.Generator) -> None:
     def shaped(forward: str, backward: str):
         def run():
             for target, spec in ((attnres_triton.MERGE_FORWARD, forward), (attnres_triton.MERGE_BACKWARD, backward)):
-                rows, warps, *stages = (int(x) for x in spec.split("x"))
+                rows, warps = (int(x) for x in spec.split("x"))
                 target.update(rows=rows, warps=warps)
-                if stages:  # the backward's row loop
-                    target.update(stages=stages[0])
             return attnres_triton.merged_read_norm_triton(*call)
         return run
 
@@ -344,8 +342,7 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=4300.0,
                     help="device memory bandwidth in GB/s for the traffic floor (H200: ~4300 measured by copy)")
     ap.add_argument("--merge-shapes", default="1x1/1x1,2x1/1x1,8x8/8x8",
-                    help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps"
-                         "[xstages of its row loop]")
+                    help="launch shapes of the merge kernels to time, forward rowsxwarps/backward rowsxwarps")
     ap.add_argument("--merge-mix-dtype", default="fp32", choices=tuple(MIX_DTYPES),
                     help="the dtype of the phase-1 mix the merge reads (train.attn_res_mix_dtype)")
     args = ap.parse_args()

@@ -319,7 +319,7 @@ if triton is not None:
     def _merge_norm_backward_kernel(MIX, P, GQ, WN, GY, GP_IN, SIG, INV_P, RSTD, GRAD_MIX, GRAD_P, GRAD_DELTA,
                                     GRAD_LSE, PART_WN, PART_GQ, N, D, TILES_PER_PROGRAM: tl.constexpr,
                                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DELTA: tl.constexpr,
-                                    HAS_GRAD_P: tl.constexpr, STAGES: tl.constexpr):
+                                    HAS_GRAD_P: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < D
@@ -327,7 +327,7 @@ if triton is not None:
         wn = tl.load(WN + cols, mask=col_ok, other=0.0)
         acc_wn = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         acc_gq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for i in tl.range(0, TILES_PER_PROGRAM, loop_unroll_factor=1, num_stages=STAGES):
+        for i in tl.range(0, TILES_PER_PROGRAM, loop_unroll_factor=1):
             rows = (pid * TILES_PER_PROGRAM + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < N
             tile = row_ok[:, None] & col_ok[None, :]
@@ -360,17 +360,15 @@ if triton is not None:
 
     # Launch shapes of the merge kernels: rows per program and warps per program. One warp per row keeps
     # every reduction inside the warp (no shared-memory round trips); the backward kernel's programs
-    # loop over rows, each writing one partial row of the two token sums (at most MERGE_PROGRAMS rows);
-    # `stages` > 1 software-pipelines the loads of that loop.
+    # loop over rows, each writing one partial row of the two token sums (at most MERGE_PROGRAMS rows).
+    # Pipelining that loop (num_stages 2 or 3) left the backward at 0.27–0.28 ms (bf16 mixes, H200, eighth
+    # session of 2026-12-04), so it runs unpipelined.
     MERGE_FORWARD = {"rows": 1, "warps": 1}
-    MERGE_BACKWARD = {"rows": 1, "warps": 1, "stages": 1}
+    MERGE_BACKWARD = {"rows": 1, "warps": 1}
     MERGE_PROGRAMS = 2048
 
     def _merge_meta(shape: dict, d: int) -> dict:
-        meta = {"BLOCK_M": shape["rows"], "BLOCK_D": triton.next_power_of_2(d), "num_warps": shape["warps"]}
-        if "stages" in shape:  # the backward kernel's row loop
-            meta["STAGES"] = shape["stages"]
-        return meta
+        return {"BLOCK_M": shape["rows"], "BLOCK_D": triton.next_power_of_2(d), "num_warps": shape["warps"]}
 
     # Kernel arguments a launch does not use (its HAS_* switch is off) point at one of its own outputs;
     # the kernel never touches them.
