@@ -61,17 +61,6 @@ def _values(identity: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _changed_keys(a: Mapping[str, Any], b: Mapping[str, Any], ignore: frozenset[str]) -> list[str]:
-    """The keys of two _values maps (less `ignore`) whose values differ, sorted."""
-    return [k for k in sorted((set(a) | set(b)) - ignore) if a.get(k, _UNSET) != b.get(k, _UNSET)]
-
-
-def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
-    """Dotted keys (less `ignore`) whose values differ, as `key: old -> new` (a missing side shows as <unset>)."""
-    a, b = _values(old), _values(new)
-    return [f"{k}: {a.get(k, _UNSET)} -> {b.get(k, _UNSET)}" for k in _changed_keys(a, b, ignore)]
-
-
 def schema_defaults() -> dict[str, Any]:
     """Every key of the identity's config sections at its schema default, as dotted keys (identity form)."""
     from kotodama_core.model.config import KotodamaConfig
@@ -84,11 +73,14 @@ def schema_defaults() -> dict[str, Any]:
     return flatten(run_identity(sections, {})["config"])
 
 
-def material_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """differing_keys(old, new) less the keys `old` does not record that `new` holds at their schema
-    default: keys added to the config after `old` was written, whose default is what that run used. A new
-    key set to anything else is a difference."""
-    return differing_keys(old, new, ignore=_added_at_default(old, new))
+def material_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The keys (dotted config keys, inputs as `input <name>`) whose values differ between two identities,
+    sorted, less the keys `old` does not record that `new` holds at their schema default: keys added to
+    the config after `old` was written, whose default is what that run used. A new key set to anything
+    else is a difference."""
+    a, b = _values(old), _values(new)
+    ignore = _added_at_default(old, new)
+    return [k for k in sorted((set(a) | set(b)) - ignore) if a.get(k, _UNSET) != b.get(k, _UNSET)]
 
 
 def _added_at_default(old: Mapping[str, Any], new: Mapping[str, Any]) -> frozenset[str]:
@@ -98,10 +90,10 @@ def _added_at_default(old: Mapping[str, Any], new: Mapping[str, Any]) -> frozens
     return frozenset(k for k, v in added.items() if k in defaults and v == defaults[k])
 
 
-def resume_overrides(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str] | None:
-    """`key=value` overrides that give `new` the settings `old` ran with (a key `old` does not record ran at
-    its schema default), or None where they cannot: an input differs, or a value is not a scalar."""
-    keys = _changed_keys(_values(old), _values(new), _added_at_default(old, new))
+def resume_overrides(old: Mapping[str, Any], keys: list[str]) -> list[str] | None:
+    """`key=value` overrides that set the differing `keys` back to what `old` ran with (a key `old` does not
+    record ran at its schema default), or None where they cannot: an input differs, or a value is not a
+    scalar."""
     recorded = flatten(old.get("config", {}))
     defaults = schema_defaults() if any(k not in recorded for k in keys) else {}
     overrides = []
@@ -113,21 +105,24 @@ def resume_overrides(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str
     return overrides or None
 
 
-def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str, diffs: list[str]) -> str:
-    """One line: what was written by another run, the keys that differ (`diffs`), how to start fresh, and
-    the overrides that give the run its own settings where they can."""
+def refusal(what: str, old: Mapping[str, Any], new: Mapping[str, Any], fresh: str, keys: list[str]) -> str:
+    """One line: what was written by another run, the differing `keys` as `key: old -> new` (a missing side
+    shows as <unset>), how to start fresh, and the overrides that give the run its own settings where
+    they can."""
+    a, b = _values(old), _values(new)
+    diffs = [f"{k}: {a.get(k, _UNSET)} -> {b.get(k, _UNSET)}" for k in keys]
     named = "; ".join(diffs[:_MAX_NAMED]) + (f"; and {len(diffs) - _MAX_NAMED} more" if len(diffs) > _MAX_NAMED else "")
-    overrides = resume_overrides(old, new)
+    overrides = resume_overrides(old, keys)
     keep = f"; its own settings: --set {' '.join(overrides)}" if overrides else ""
     return f"{what} was written by another run ({named}); {fresh}{keep}"
 
 
 def refuse_other_run(what: str, recorded: Mapping[str, Any], identity: Mapping[str, Any], fresh: str) -> None:
     """Raise ResumeRefused (naming the keys) when `recorded` and `identity` differ materially
-    (material_differences); an identity that differs only by keys added at their defaults passes."""
-    diffs = material_differences(recorded, identity)
-    if diffs:
-        raise ResumeRefused(refusal(what, recorded, identity, fresh, diffs))
+    (material_keys); an identity that differs only by keys added at their defaults passes."""
+    keys = material_keys(recorded, identity)
+    if keys:
+        raise ResumeRefused(refusal(what, recorded, identity, fresh, keys))
 
 
 def fresh_hint(work: Path) -> str:
