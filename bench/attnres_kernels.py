@@ -195,13 +195,9 @@ def query_grads(args, sources, folded, grad_mixes, grad_lse, row) -> None:
     _query_grad_kernel) against the kernel at each --query-grad shape; floor = read the S sources and coef."""
     n, d = sources[0].shape
     s_count, r_count = len(sources), folded.shape[0]
-    _mixes, lse, logits = torch.ops.kotodama.attnres_block_mix(sources, folded, EPS, grad_mixes[0].dtype)
-    coef = torch.empty((s_count, r_count, n), dtype=torch.float32, device="cuda")
-    grad_sources = [torch.empty_like(v) for v in sources]
     mix_dtype = grad_mixes[0].dtype
-    attnres_triton._mix_backward_kernel[(n,)](
-        tuple(sources), folded, logits, lse, attnres_triton._pointer_table(grad_mixes), grad_lse, tuple(grad_sources),
-        coef, n, d, EPS, STAGES=1, **attnres_triton._mix_meta(s_count, r_count, d, mix_dtype))
+    _mixes, lse, logits = torch.ops.kotodama.attnres_block_mix(sources, folded, EPS, mix_dtype)
+    _grads, coef = attnres_triton._source_grads_and_coef(sources, folded, logits, lse, grad_mixes, grad_lse, EPS)
     floor = s_count * n * d * 4 + s_count * r_count * n * 4
 
     def matmuls():

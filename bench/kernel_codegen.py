@@ -132,15 +132,12 @@ def query_grad_configs(sources: int, reads: int, mix_dtype: torch.dtype):
     mix_dtype (which set its products' precision)."""
     from kotodama_core.model import attnres_triton as at
 
-    shape = at.QUERY_GRAD
-    tiles = -(-TOKENS // shape["tokens"])
+    _grid, meta = at._query_grad_launch(sources, reads, TOKENS, WIDTH, mix_dtype)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     tag = f"S{sources} R{reads}" + (" bf16 mix" if mix_dtype == torch.bfloat16 else "")
     yield (f"attnres_query_grad {tag}", at._query_grad_kernel,
            {"SRC": tuple(["*fp32"] * sources), "COEF": "*fp32", "PART": "*fp32", "N": ("i32", TOKENS),
-            "D": ("i32", WIDTH)},
-           {"S": sources, "R": reads, "R_PAD": max(16, 1 << (reads - 1).bit_length()), "BLOCK_N": shape["tokens"],
-            "BLOCK_D": min(shape["cols"], WIDTH), "TILES_PER_PROGRAM": -(-tiles // shape["programs"]),
-            "PRECISION": shape["precision"][mix_dtype]}, shape["warps"], shape["stages"])
+            "D": ("i32", WIDTH)}, meta, warps, stages)
 
 
 def merge_configs(mix: str):

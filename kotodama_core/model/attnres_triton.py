@@ -188,22 +188,28 @@ if triton is not None:
     def _aligned(t: Tensor) -> Tensor:
         return t if t.data_ptr() % 16 == 0 else t.clone()
 
+    def _query_grad_launch(num_sources: int, num_reads: int, tokens: int, dim: int,
+                           mix_dtype: torch.dtype) -> tuple[tuple[int, int], dict]:
+        """(grid, meta) of _query_grad_kernel under QUERY_GRAD: the grid is (token-tile programs, column
+        tiles); meta holds the constexprs, num_warps and num_stages (PRECISION before _dot_precision)."""
+        shape = QUERY_GRAD
+        tiles = triton.cdiv(tokens, shape["tokens"])
+        tiles_per_program = triton.cdiv(tiles, shape["programs"])
+        block_d = min(shape["cols"], triton.next_power_of_2(dim))
+        grid = (triton.cdiv(tiles, tiles_per_program), triton.cdiv(dim, block_d))
+        return grid, {"S": num_sources, "R": num_reads, "R_PAD": max(16, triton.next_power_of_2(num_reads)),
+                      "BLOCK_N": shape["tokens"], "BLOCK_D": block_d, "TILES_PER_PROGRAM": tiles_per_program,
+                      "PRECISION": shape["precision"][mix_dtype], "num_warps": shape["warps"],
+                      "num_stages": shape["stages"]}
+
     def _query_grad(sources: list[Tensor], coef: Tensor, mix_dtype: torch.dtype) -> Tensor:
         """∂q̃ (R, D) = Σ_s coef[s] @ sources[s] with coef (S, R, N), by _query_grad_kernel's partial rows,
         at the products' precision for mixes of mix_dtype."""
         n, d = sources[0].shape
-        num_sources, r = coef.shape[0], coef.shape[1]
-        shape = QUERY_GRAD
-        tiles = triton.cdiv(n, shape["tokens"])
-        tiles_per_program = triton.cdiv(tiles, shape["programs"])
-        programs = triton.cdiv(tiles, tiles_per_program)
-        part = torch.empty((programs, r, d), dtype=torch.float32, device=coef.device)
-        block_d = min(shape["cols"], triton.next_power_of_2(d))
-        _query_grad_kernel[(programs, triton.cdiv(d, block_d))](
-            tuple(sources), coef, part, n, d, S=num_sources, R=r, R_PAD=max(16, triton.next_power_of_2(r)),
-            BLOCK_N=shape["tokens"], BLOCK_D=block_d, TILES_PER_PROGRAM=tiles_per_program,
-            PRECISION=_dot_precision(shape["precision"][mix_dtype], coef.device), num_warps=shape["warps"],
-            num_stages=shape["stages"])
+        grid, meta = _query_grad_launch(coef.shape[0], coef.shape[1], n, d, mix_dtype)
+        meta["PRECISION"] = _dot_precision(meta["PRECISION"], coef.device)
+        part = torch.empty((grid[0], coef.shape[1], d), dtype=torch.float32, device=coef.device)
+        _query_grad_kernel[grid](tuple(sources), coef, part, n, d, **meta)
         return part.sum(0)
 
     def _dot_precision(precision: str, device: torch.device) -> str:
@@ -244,10 +250,10 @@ if triton is not None:
                 sources[0].new_empty((r, n), dtype=torch.float32),
                 sources[0].new_empty((r, n, len(sources)), dtype=torch.float32))
 
-    @torch.library.custom_op("kotodama::attnres_block_mix_backward", mutates_args=())
-    def attnres_block_mix_backward(sources: list[Tensor], folded_queries: Tensor, logits: Tensor, lse: Tensor,
-                                   grad_mixes: list[Tensor], grad_lse: Tensor,
-                                   eps: float) -> tuple[list[Tensor], Tensor]:
+    def _source_grads_and_coef(sources: list[Tensor], folded_queries: Tensor, logits: Tensor, lse: Tensor,
+                               grad_mixes: list[Tensor], grad_lse: Tensor,
+                               eps: float) -> tuple[list[Tensor], Tensor]:
+        """_mix_backward_kernel: the S source gradients and the ∂q̃ coefficients (S, R, N)."""
         n, d = sources[0].shape
         r = folded_queries.shape[0]
         grad_sources = [torch.empty_like(v) for v in sources]
@@ -259,7 +265,14 @@ if triton is not None:
         _mix_backward_kernel[(n,)](tuple(sources), folded_queries, logits, lse, _pointer_table(grad_mixes), grad_lse,
                                    tuple(grad_sources), coef, n, d, eps, STAGES=_backward_stages(len(sources)),
                                    **_mix_meta(len(sources), r, d, mix_dtype, MIX_BACKWARD["warps"]))
-        return grad_sources, _query_grad(sources, coef, mix_dtype)
+        return grad_sources, coef
+
+    @torch.library.custom_op("kotodama::attnres_block_mix_backward", mutates_args=())
+    def attnres_block_mix_backward(sources: list[Tensor], folded_queries: Tensor, logits: Tensor, lse: Tensor,
+                                   grad_mixes: list[Tensor], grad_lse: Tensor,
+                                   eps: float) -> tuple[list[Tensor], Tensor]:
+        grad_sources, coef = _source_grads_and_coef(sources, folded_queries, logits, lse, grad_mixes, grad_lse, eps)
+        return grad_sources, _query_grad(sources, coef, grad_mixes[0].dtype)
 
     @attnres_block_mix_backward.register_fake
     def _(sources, folded_queries, logits, lse, grad_mixes, grad_lse, eps):
