@@ -13,7 +13,9 @@ length. Prints one JSON line per measurement and a summary with the ratios.
 
 Measurements (--only): ref, project, per_read (AttnRes read source by source, the schedule before the
 two-phase one), kernels (phase 1 of the reads with the Triton kernels, train.attn_res_kernels), regions (train.compile_scope
-layers: the repeated regions compiled instead of the whole model), recipe (--accum micro-batches per
+layers: the repeated regions compiled instead of the whole model), graph, regions_graph and
+no_attnres_graph (train.cuda_graph: the whole step replayed from one CUDA graph, at the model scope, at
+the layers scope, and with AttnRes off), recipe (--accum micro-batches per
 optimizer step, as the presets' global batches train on one device), fp8 (train.fp8: torchao float8
 matmuls in the hidden layers; carry the torchao wheel), bf16_mix (train.attn_res_mix_dtype activation: the
 AttnRes phase-1 mixes stored in bf16), fp32_mix (train.attn_res_mix_dtype float32), no_attnres, attnres_ref, optimizer (hybrid step alone, and its Muon and AdamW parts),
@@ -122,7 +124,10 @@ def project_step(args, attn_res: bool, batch: int, windows: int, compile_: bool 
             "mem_gb": round(peak, 1), "loss": last_loss(records),
             # step 0 holds the compile (its record times the loop's start to its end)
             "compile_s": round(first["step_ms"] / 1e3, 2) if first else None,
-            "checkpoint_stall_s": round(max(stalls), 3) if stalls else None}
+            "checkpoint_stall_s": round(max(stalls), 3) if stalls else None,
+            # train.cuda_graph: host seconds of the capture (step 1), beside the compile
+            "capture_s": next((round(r["cuda_graph_capture_s"], 2) for r in records if "cuda_graph_capture_s" in r),
+                              None)}
 
 
 def last_loss(records: list[dict]) -> float | None:
@@ -133,7 +138,12 @@ HEADLINE_KEYS = ("device", "date", "ref_compile_tokens_per_s", "project_tokens_p
                  "attnres_cost_fraction", "optimizer_step_ms", "compile_s", "checkpoint_stall_s",
                  "stage_vs_bench_ratio", "variants")
 # Measurements of the project step with one option changed, reported beside the default in `variants`.
-VARIANT_KEYS = ("bf16_mix", "fp32_mix", "fp8", "regions", "kernels", "per_read", "mb16")
+# A variant's AttnRes cost is against the AttnRes-off run of the same option where one is measured
+# (ATTNRES_OFF_OF, None for an AttnRes-off variant itself), else against `no_attnres`.
+VARIANT_KEYS = ("bf16_mix", "fp32_mix", "fp8", "regions", "graph", "regions_graph", "no_attnres_graph", "kernels",
+                "per_read", "mb16")
+
+ATTNRES_OFF_OF = {"graph": "no_attnres_graph", "no_attnres_graph": None}
 
 
 def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: float | None = None) -> dict:
@@ -145,7 +155,8 @@ def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: floa
         checkpoint_stall_s    = the project run's worst checkpoint stall (its final save)
         stage_vs_bench_ratio  = a training stage's steady tok/s (--stage-metrics) ÷ project tok/s
         variants              = per measured VARIANT_KEYS option: its tok/s, its ratio to ref_compile, its
-                                AttnRes cost (1 − variant tok/s ÷ AttnRes-off tok/s) and its step 0 s"""
+                                AttnRes cost (1 − variant tok/s ÷ AttnRes-off tok/s, ATTNRES_OFF_OF), its
+                                step 0 s and, with the CUDA graph, its capture s"""
     ref = results.get("ref", {}).get("tok_s")
     proj = results.get("project", {}).get("tok_s")
     plain = results.get("no_attnres", {}).get("tok_s")
@@ -161,10 +172,12 @@ def headline(results: dict[str, dict], device: str, date: str, stage_tok_s: floa
     for key in VARIANT_KEYS:
         tok_s = results.get(key, {}).get("tok_s")
         if tok_s:
+            off = plain if key not in ATTNRES_OFF_OF else results.get(ATTNRES_OFF_OF[key], {}).get("tok_s")
             out["variants"][key] = {"tokens_per_s": tok_s,
                                     "ratio_vs_ref_compile": round(tok_s / ref, 3) if ref else None,
-                                    "attnres_cost_fraction": round(1 - tok_s / plain, 3) if plain else None,
-                                    "compile_s": results[key].get("compile_s")}
+                                    "attnres_cost_fraction": round(1 - tok_s / off, 3) if off else None,
+                                    "compile_s": results[key].get("compile_s"),
+                                    "capture_s": results[key].get("capture_s")}
     assert tuple(out) == HEADLINE_KEYS
     return out
 
@@ -483,6 +496,13 @@ def main() -> None:
                                               "_per_read", two_phase=False)),
             ("regions", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                              "_regions", {"train.compile_scope": "layers"})),
+            ("graph", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                           "_graph", {"train.cuda_graph": True})),
+            ("regions_graph", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
+                                                   "_regions_graph", {"train.compile_scope": "layers",
+                                                                      "train.cuda_graph": True})),
+            ("no_attnres_graph", lambda: project_step(args, False, args.batch, args.windows, not args.no_compile,
+                                                      "_graph", {"train.cuda_graph": True})),
             ("recipe", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,
                                             f"_accum{args.accum}", accum=args.accum)),
             ("kernels", lambda: project_step(args, True, args.batch, args.windows, not args.no_compile,

@@ -89,7 +89,8 @@ def test_project_and_optimizer_measurements_on_cpu(tmp_path, monkeypatch, capsys
 def test_headline_ratios_and_stage_rate(tmp_path):
     results = {"ref": {"tok_s": 400}, "project": {"tok_s": 300, "compile_s": 41.5, "checkpoint_stall_s": 0.2},
                "no_attnres": {"tok_s": 320}, "optimizer": {"ms": 2.5}, "bf16_mix": {"tok_s": 304},
-               "fp32_mix": {"tok_s": 296, "compile_s": 38.0}, "fp8": {"error": "no torchao"}}
+               "fp32_mix": {"tok_s": 296, "compile_s": 38.0}, "fp8": {"error": "no torchao"},
+               "graph": {"tok_s": 330, "compile_s": 40.0, "capture_s": 3.0}, "no_attnres_graph": {"tok_s": 340}}
     metrics = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "tokens_per_s": 10}, {"step": 10, "tokens_per_s": 290},
             {"step": 20, "checkpoint_stall_s": 3.0}, {"step": 20, "tokens_per_s": 296},
@@ -103,9 +104,14 @@ def test_headline_ratios_and_stage_rate(tmp_path):
     assert (head["compile_s"], head["checkpoint_stall_s"], head["optimizer_step_ms"]) == (41.5, 0.2, 2.5)
     assert head["variants"] == {  # a failed fp8 is left out
         "bf16_mix": {"tokens_per_s": 304, "ratio_vs_ref_compile": 0.76, "attnres_cost_fraction": 0.05,
-                     "compile_s": None},
+                     "compile_s": None, "capture_s": None},
         "fp32_mix": {"tokens_per_s": 296, "ratio_vs_ref_compile": 0.74, "attnres_cost_fraction": 0.075,
-                   "compile_s": 38.0}}
+                     "compile_s": 38.0, "capture_s": None},
+        # the graphed step's AttnRes cost is against the graphed AttnRes-off step: 1 − 330/340
+        "graph": {"tokens_per_s": 330, "ratio_vs_ref_compile": 0.825, "attnres_cost_fraction": 0.029,
+                  "compile_s": 40.0, "capture_s": 3.0},
+        "no_attnres_graph": {"tokens_per_s": 340, "ratio_vs_ref_compile": 0.85, "attnres_cost_fraction": None,
+                             "compile_s": None, "capture_s": None}}
     train_throughput.write_headline(tmp_path / "r.json", head)
     assert json.loads((tmp_path / "r.json").read_text()) == head
 

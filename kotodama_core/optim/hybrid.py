@@ -50,15 +50,50 @@ class HybridOptimizer:
     """Several torch optimizers stepped, zeroed, saved and rescheduled together.
 
     Every param group carries "name" and "base_lr"; set_lr_multiplier(m) sets lr = base_lr · m.
+    After hold_lrs_on_device() the rates live on the device, where a step captured in a CUDA graph reads
+    them (train/step_graph.py); checkpoints hold them as numbers either way.
     """
 
     def __init__(self, optimizers: dict[str, torch.optim.Optimizer]):
         if not optimizers:
             raise ValueError("HybridOptimizer needs at least one optimizer")
         self.optimizers = dict(optimizers)
+        self.lrs_on_device = False
+        self.multiplier = 1.0  # the last set_lr_multiplier's
         for opt in self.optimizers.values():
             for group in opt.param_groups:
                 group.setdefault("base_lr", group["lr"])
+
+    def hold_lrs_on_device(self) -> None:
+        """Keep every rate where a captured step reads it: AdamW's as a one-element tensor on its
+        parameters' device (the fused AdamW takes a tensor lr; capturable on CUDA), Muon's in its device
+        slots (Muon.write_device_lrs), rewritten by every set_lr_multiplier. Muon's own CUDA graph is
+        switched off: the step's graph holds the Muon step."""
+        for name, opt in self.optimizers.items():
+            if not isinstance(opt, Muon) and not opt.defaults.get("fused"):
+                raise ValueError(f"the {name} optimizer is not the fused AdamW, so it cannot read a rate held "
+                                 "on the device")
+        for opt in self.optimizers.values():
+            if isinstance(opt, Muon):
+                opt.graph = False
+        self.lrs_on_device = True
+        self._rates_to_device()
+        self._write_device_lrs()
+
+    def _rates_to_device(self) -> None:
+        for opt in self.optimizers.values():
+            if isinstance(opt, Muon):
+                continue
+            for group in opt.param_groups:
+                device = group["params"][0].device
+                if not isinstance(group["lr"], torch.Tensor):
+                    group["lr"] = torch.tensor(float(group["lr"]), dtype=torch.float32, device=device)
+                group["capturable"] = device.type == "cuda"
+
+    def _write_device_lrs(self) -> None:
+        for opt in self.optimizers.values():
+            if isinstance(opt, Muon):
+                opt.write_device_lrs()
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -73,11 +108,27 @@ class HybridOptimizer:
             opt.zero_grad(set_to_none=set_to_none)
 
     def set_lr_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
         for group in self.param_groups:
-            group["lr"] = group["base_lr"] * multiplier
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(group["base_lr"] * multiplier)
+            else:
+                group["lr"] = group["base_lr"] * multiplier
+        if self.lrs_on_device:
+            self._write_device_lrs()
 
     def state_dict(self) -> dict[str, Any]:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        """Each optimizer's state; a rate held on the device is saved as a number and `capturable` as
+        the optimizer was built, so a checkpoint does not depend on train.cuda_graph."""
+        state = {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        if self.lrs_on_device:
+            for saved in state.values():
+                for group in saved["param_groups"]:
+                    if isinstance(group["lr"], torch.Tensor):  # the number, not its float32 rounding
+                        group["lr"] = group["base_lr"] * self.multiplier
+                    if "capturable" in group:
+                        group["capturable"] = False
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.optimizers):
@@ -85,6 +136,9 @@ class HybridOptimizer:
                              f"{sorted(self.optimizers)} (was it saved with another optim.kind?)")
         for name, opt in self.optimizers.items():
             opt.load_state_dict(state[name])
+        if self.lrs_on_device:  # loading put numbers back in the groups
+            self._rates_to_device()
+            self._write_device_lrs()
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> HybridOptimizer:

@@ -138,8 +138,11 @@ class Muon(torch.optim.Optimizer):
                 offset += len(members)
             return
         group = plan.group
-        if grad_tables is None:
-            self._lr_slots(group["params"][0].device)[index].fill_(group["lr"])
+        device = group["params"][0].device
+        if grad_tables is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            # Inside another owner's capture (the engine's step graph) a fill would freeze this step's
+            # rate into the graph; that owner refills the slots before each replay (write_device_lrs).
+            self._lr_slots(device)[index].fill_(group["lr"])
         lr = self._lrs[index:index + 1]
         offset = 0
         for batch in plan.batches:
@@ -159,6 +162,14 @@ class Muon(torch.optim.Optimizer):
                 muon_triton.apply_update(pointer_table(members), members[0].dtype, view, lr,
                                          group["weight_decay"], math.sqrt(max(1.0, rows / cols)))
             offset += count
+
+    def write_device_lrs(self) -> None:
+        """Copy each group's lr into the device slots the fused apply pass reads, as a step does first; for
+        a step captured by someone else's CUDA graph, which reads the slots and does not fill them."""
+        device = self.param_groups[0]["params"][0].device
+        slots = self._lr_slots(device)
+        for index, group in enumerate(self.param_groups):
+            slots[index].fill_(group["lr"])
 
     def _lr_slots(self, device: torch.device) -> Tensor:
         if self._lrs is None or self._lrs.device != device or len(self._lrs) != len(self.param_groups):

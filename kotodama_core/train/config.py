@@ -87,6 +87,11 @@ class TrainConfig(StrictModel):
     # repeated regions only (KotodamaLM.compile_regions: a few graphs, compiled in seconds, but the eager
     # code between them can make the step host-bound on a slow host: bench/RESULTS.md).
     compile_scope: Literal["model", "layers"] = "model"
+    # Replay the whole training step (every micro-batch's forward and backward, clipping, the optimizer)
+    # from one CUDA graph captured at the second step (train/step_graph.py), so the host's launches and the
+    # eager code between compiled regions leave the device no gaps. One CUDA device; elsewhere the run says
+    # so and steps eagerly, and a capture that fails is said once and the run steps eagerly.
+    cuda_graph: bool = False
     # FP8 matmuls (torchao float8 training) for the hidden linear layers, CUDA only (train/fp8.py).
     fp8: bool = False
     # The AttnRes reads with the Triton kernels of kotodama_core/model/attnres_triton.py (phase 1 per

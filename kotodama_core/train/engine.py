@@ -20,6 +20,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
@@ -39,6 +40,7 @@ from kotodama_core.train.distributed import (DistInfo, all_reduce_mean, barrier,
                                              init_distributed)
 from kotodama_core.train.init import load_weights_strict, nca_transfer, read_weights, resume_state
 from kotodama_core.train.precision import apply_precision
+from kotodama_core.train.step_graph import StepGraph, step_graph_unavailable
 from kotodama_core.progress import Progress
 from kotodama_core.train.throughput import memory_gib, model_flops_per_token, peak_flops
 
@@ -436,16 +438,37 @@ class StepResult:
     qat_on: bool
 
 
-def train_step(step: int, run: RunState, fwds: Forwards, cfg: RunConfig, info: DistInfo, accum: int) -> StepResult:
-    """One optimizer step: `accum` micro-batches forward and backward, clip, update, average."""
+def train_step(step: int, run: RunState, fwds: Forwards, cfg: RunConfig, info: DistInfo, accum: int,
+               graph: StepGraph | None = None) -> StepResult:
+    """One optimizer step: `accum` micro-batches forward and backward, clip, update, average; replayed
+    from `graph` (train.cuda_graph) when one is given."""
     model, optimizer, total_steps = run.model, run.optimizer, cfg.train.steps
     model.set_training_progress(step / total_steps)
     mult = wsd_lr_multiplier(step, total_steps, cfg.schedule)
     optimizer.set_lr_multiplier(mult)
     call, qat_on = fwds.at(step)
+
+    def body(batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return step_body(run, fwds, call, cfg, info, accum, batches)
+
+    if graph is None:  # each micro-batch fetched as its turn comes, while the device runs the one before
+        mean, grad_norm = body(run.loader.next_batch().to(info.device, non_blocking=True) for _ in range(accum))
+    else:  # what changes the step's Python path keys the graph
+        key = (id(call), qat_on, model.effective_depth())
+        mean, grad_norm = graph.run(key, step, [run.loader.next_batch() for _ in range(accum)], body)
+    if run.averager is not None:
+        run.averager.update(model, step + 1, mult, in_warmup=step < cfg.schedule.warmup_steps)
+    return StepResult(all_reduce_mean(mean, info), grad_norm, mult, qat_on)
+
+
+def step_body(run: RunState, fwds: Forwards, call: Callable, cfg: RunConfig, info: DistInfo, accum: int,
+              batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's device work on `accum` device micro-batches of (batch, window) tokens: forward and
+    backward each, clip, update, zero the gradients. Returns [loss, ce] averaged over the micro-batches
+    and the gradient norm before clipping, not read back (a CUDA graph captures this function whole)."""
+    model, optimizer = run.model, run.optimizer
     sums = torch.zeros(2, device=info.device)  # loss, ce summed over micro-steps
-    for micro in range(accum):
-        batch = run.loader.next_batch().to(info.device, non_blocking=True)
+    for micro, batch in enumerate(batches):
         sync = info.distributed and micro < accum - 1
         with (fwds.wrapped.no_sync() if sync and hasattr(fwds.wrapped, "no_sync") else nullcontext()):
             with _autocast(cfg, info.device):
@@ -455,9 +478,20 @@ def train_step(step: int, run: RunState, fwds: Forwards, cfg: RunConfig, info: D
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if run.averager is not None:
-        run.averager.update(model, step + 1, mult, in_warmup=step < cfg.schedule.warmup_steps)
-    return StepResult(all_reduce_mean(sums / accum, info), grad_norm, mult, qat_on)
+    return sums / accum, grad_norm
+
+
+def build_step_graph(cfg: RunConfig, run: RunState, info: DistInfo) -> StepGraph | None:
+    """The step graph when train.cuda_graph is on and can apply here; where it cannot, rank 0 says why
+    once and the run steps eagerly."""
+    if not cfg.train.cuda_graph:
+        return None
+    why_not = step_graph_unavailable(info.device, info.world_size)
+    if why_not is not None:
+        if info.is_main:
+            print(f"[train] train.cuda_graph is on, but {why_not}: every step runs eagerly", flush=True)
+        return None
+    return StepGraph(run.optimizer, info.device)
 
 
 class LossReader:
@@ -629,6 +663,7 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
         # Resume (or initialise).
         run = prepare_run(cfg, data_dir, work, info, init_path, identity)
         fwds = build_forwards(run.model, cfg, info)
+        graph = build_step_graph(cfg, run, info)
         monitor = GeometryMonitor.build(cfg, data_dir, info)
         log = RunLog(cfg, work, info, on_metrics, run.start_step)  # its clock starts here, with the loop
         fault_step = int(os.environ.get(FAULT_KILL_ENV, "0") or 0)
@@ -637,7 +672,11 @@ def train(cfg: RunConfig, data_dir: Path, work: Path, *, init_path: Path | None 
         run.model.train()
         for step in range(run.start_step, total_steps):
             # The step.
-            out = train_step(step, run, fwds, cfg, info, accum)
+            out = train_step(step, run, fwds, cfg, info, accum, graph)
+            if graph is not None and graph.captures and graph.captures[-1][0] == step:
+                stalls.add("cuda_graph_capture", graph.captures[-1][1])  # host time only, like a compile
+                if info.is_main:
+                    log.write(log.metrics_path, step, {"cuda_graph_capture_s": graph.captures[-1][1]})
             tokens_seen += tcfg.global_batch_tokens
             done = step + 1
             log_now = step % tcfg.log_every == 0 or done == total_steps
