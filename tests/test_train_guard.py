@@ -198,3 +198,27 @@ def test_keys_added_since_a_run_began_resume_at_their_defaults_only(tmp_path):
     with pytest.raises(ResumeRefused, match=r"input data: d -> e") as err:
         check_checkpoint({"run_identity": before}, other_data, "checkpoint step 4", work)
     assert "--set" not in str(err.value)  # other data cannot be set back
+
+
+def test_a_run_resumes_under_other_execution_keys_only(tmp_path):
+    """How a step executes (compile, its scope, the CUDA graph, background writes, progress lines) is not
+    what the run is: a work folder or checkpoint resumes under another of them, and a refusal for a key
+    that matters names that key alone."""
+    from kotodama_core.train.guard import EXECUTION_KEYS, check_checkpoint, claim_work_folder, run_identity
+    from stages.registry import config_section
+    ran = run_identity(config_section("train", config()), {"data": "d"})
+    executed_otherwise = run_identity(config_section("train", config(**{
+        "train.compile": True, "train.compile_scope": "layers", "train.cuda_graph": True,
+        "train.async_checkpoint": False, "train.progress_every_s": 1.0})), {"data": "d"})
+    assert ran != executed_otherwise
+    work = tmp_path / "run.partial"
+    claim_work_folder(work, ran)
+    claim_work_folder(work, executed_otherwise)
+    check_checkpoint({"run_identity": ran}, executed_otherwise, "checkpoint step 4", work)
+    other = run_identity(config_section("train", config(**{"train.compile_scope": "layers", "train.seed": 6})),
+                         {"data": "d"})
+    with pytest.raises(ResumeRefused, match=r"\(train.seed: 5 -> 6\)"):
+        check_checkpoint({"run_identity": ran}, other, "checkpoint step 4", work)
+    from kotodama_core.train.config import TrainConfig
+    fields = set(TrainConfig.model_fields)
+    assert {k.removeprefix("train.") for k in EXECUTION_KEYS} <= fields, "an execution key names no train key"

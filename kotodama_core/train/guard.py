@@ -5,7 +5,9 @@ digest (model, optim, schedule, train) and the digests of its inputs. `<out>.par
 when a run starts, and every checkpoint carries its digest, so a rerun with another config or other data
 refuses to resume the other run's state, naming the keys that differ, instead of silently mixing them.
 A key added to the config after a run was recorded counts only when it is set away from its schema
-default, so a run resumes under newer code that added keys it never used.
+default, so a run resumes under newer code that added keys it never used. The EXECUTION_KEYS never count:
+they choose how a step is executed, not what it computes, so a run can resume with another of them (say,
+without the CUDA graph whose capture failed, or with the faster-compiling scope after a crash).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from kotodama_core.errors import UserError
 RUN_FILE = "run.json"
 TRAIN_SECTIONS = ("model", "optim", "schedule", "train")
 _MAX_NAMED = 8
+# How the step runs, not what it computes: compiled or not, at which scope, replayed from a CUDA graph,
+# checkpoints written in the background, how often progress prints.
+EXECUTION_KEYS = frozenset({"train.compile", "train.compile_scope", "train.cuda_graph", "train.async_checkpoint",
+                            "train.progress_every_s"})
 
 
 class ResumeRefused(UserError, RuntimeError):
@@ -75,11 +81,11 @@ def schema_defaults() -> dict[str, Any]:
 
 def material_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The keys (dotted config keys, inputs as `input <name>`) whose values differ between two identities,
-    sorted, less the keys `old` does not record that `new` holds at their schema default: keys added to
-    the config after `old` was written, whose default is what that run used. A new key set to anything
-    else is a difference."""
+    sorted, less the EXECUTION_KEYS and the keys `old` does not record that `new` holds at their schema
+    default: keys added to the config after `old` was written, whose default is what that run used. A new
+    key set to anything else is a difference."""
     a, b = _values(old), _values(new)
-    ignore = _added_at_default(old, new)
+    ignore = _added_at_default(old, new) | EXECUTION_KEYS
     return [k for k in sorted((set(a) | set(b)) - ignore) if a.get(k, _UNSET) != b.get(k, _UNSET)]
 
 
