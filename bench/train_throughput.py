@@ -213,8 +213,8 @@ def optimizer_step_ms(args) -> dict:
     and AdamW halves, of Muon and the hybrid step with Muon's PyTorch element-wise passes instead of the
     fused ones (muon_triton, the default on CUDA) and uncaptured (Muon captures its step in a CUDA graph on one
     device by default), of Muon with each Newton–Schulz variant, and on CUDA: the kernels one step launches
-    and the step replayed from a CUDA graph (`graphed_ms`, learning rates frozen at capture: the time
-    the step's kernels take without launch gaps)."""
+    and the step replayed from a CUDA graph as train.cuda_graph runs it (`graphed_ms`: rates rewritten on
+    the device, then one replay; the step's kernels without launch gaps)."""
     from kotodama_core.optim.newton_schulz import VARIANTS
 
     cfg = load_config(ROOT / f"configs/presets/{args.preset}.yaml")
@@ -316,11 +316,10 @@ def kernel_ms_by_family(kernels: list[tuple[str, float, float]], steps: int = 1)
 
 
 def graphed_step_ms(opt) -> float:
-    """Median time of opt.step() replayed from a CUDA graph (AdamW switched to capturable)."""
-    for inner in opt.optimizers.values():
-        for g in inner.param_groups:
-            if "capturable" in g:
-                g["capturable"] = True
+    """Median time of the hybrid step as train.cuda_graph runs it inside the step's graph: the rates held
+    on the device (HybridOptimizer.hold_lrs_on_device), rewritten by set_lr_multiplier, then the replay
+    of the captured optimizer step. Leaves `opt` holding its rates on the device."""
+    opt.hold_lrs_on_device()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -330,7 +329,12 @@ def graphed_step_ms(opt) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         opt.step()
-    return _median_ms(graph.replay, "cuda")
+
+    def step() -> None:
+        opt.set_lr_multiplier(0.5)
+        graph.replay()
+
+    return _median_ms(step, "cuda")
 
 
 # Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).

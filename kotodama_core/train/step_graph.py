@@ -6,7 +6,7 @@ made that scope host-bound on a slow host (bench/RESULTS.md). Captured once, the
 backward of every micro-batch, clipping, the hybrid optimizer, zeroing the gradients) is one replay.
 
 What a replay reads must stay where the capture found it:
-- the micro-batches: copied before each replay into one static (accum, batch, window) tensor;
+- the micro-batches: copied before each replay into static tensors, one per micro-batch;
 - the learning rates: held on the device (HybridOptimizer.hold_lrs_on_device) and rewritten by
   set_lr_multiplier before each replay;
 - weights, optimizer states, RoPE tables: updated in place, never reallocated after the warm-up;
@@ -59,7 +59,7 @@ class StepGraph:
         self.key: Hashable | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warm = 0
-        self.inputs: Tensor | None = None       # static (accum, batch, window) micro-batches
+        self.inputs: list[Tensor] | None = None  # the static micro-batches, (batch, window) each
         self.outputs: tuple[Tensor, Tensor] | None = None
         self.failed: str | None = None          # why capturing failed; then every step runs eagerly
         self.captures: list[tuple[int, float]] = []  # (step, seconds) of each capture
@@ -104,15 +104,18 @@ class StepGraph:
         return out
 
     def _load(self, batches: Sequence[Tensor]) -> list[Tensor]:
-        shape = (len(batches), *batches[0].shape)
-        if self.inputs is None or tuple(self.inputs.shape) != shape or self.inputs.dtype != batches[0].dtype:
+        """Copy the micro-batches into the static ones the graph reads. One allocation each, not slices of
+        one tensor: a slice can start off the 16-byte alignment a fresh tensor has, and Inductor guards
+        its kernels on that alignment, so the capture would recompile."""
+        like = [(tuple(b.shape), b.dtype) for b in batches]
+        if self.inputs is None or [(tuple(t.shape), t.dtype) for t in self.inputs] != like:
             if self.graph is not None:
-                raise RuntimeError(f"the captured step reads micro-batches of {tuple(self.inputs.shape)}, "
-                                   f"this step brought {shape}")
-            self.inputs = torch.empty(shape, dtype=batches[0].dtype, device=self.device)
+                raise RuntimeError(f"the captured step reads {len(self.inputs)} micro-batches of "
+                                   f"{tuple(self.inputs[0].shape)}, this step brought {len(like)} of {like[0][0]}")
+            self.inputs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in like]
         for slot, batch in zip(self.inputs, batches):
             slot.copy_(batch, non_blocking=True)
-        return list(self.inputs.unbind(0))
+        return self.inputs
 
     def _capture(self, body: StepBody, views: list[Tensor], step: int) -> None:
         t0 = time.perf_counter()
