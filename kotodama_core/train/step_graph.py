@@ -48,9 +48,9 @@ def step_graph_unavailable(device: torch.device, world_size: int) -> str | None:
 class StepGraph:
     """Replays the training step from a CUDA graph captured after a warm-up step (module docstring).
 
-    run(key, batches, body) trains one step on `batches` (CPU token tensors, one per micro-batch) and
-    returns body's outputs ([loss, ce] means and the gradient norm) as fresh device tensors; `body` is the
-    step itself, called on device batches, eagerly or under capture."""
+    run(key, step, batches, body) trains step `step` on `batches` (CPU token tensors, one per micro-batch)
+    and returns body's outputs ([loss, ce] means and the gradient norm) as fresh device tensors; `body` is
+    the step itself, called on device batches, eagerly or under capture."""
 
     def __init__(self, optimizer: Any, device: torch.device) -> None:
         optimizer.hold_lrs_on_device()
@@ -120,10 +120,19 @@ class StepGraph:
     def _capture(self, body: StepBody, views: list[Tensor], step: int) -> None:
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a CUDA call from another thread of this process (a loader or writer thread) does
-        # not invalidate the capture; the backward's launches join the capturing stream all the same.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = body(views)
+        cause: Exception | None = None
+        try:
+            # thread_local: a CUDA call from another thread of this process (a loader or writer thread)
+            # does not invalidate the capture; the backward's launches join the capturing stream all the same.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                try:
+                    outputs = body(views)
+                except Exception as exc:
+                    cause = exc
+                    raise
+        except Exception as exc:
+            # Ending a capture that the step broke raises its own error; the step's says what broke it.
+            raise (cause or exc) from None
         self.graph, self.outputs = graph, outputs
         seconds = time.perf_counter() - t0
         self.captures.append((step, seconds))
