@@ -53,6 +53,7 @@ from kotodama_core.optim import build_optimizer  # noqa: E402
 from kotodama_core.train.distributed import DistInfo  # noqa: E402
 from kotodama_core.train import engine  # noqa: E402
 from kotodama_core.train.engine import train  # noqa: E402
+from kotodama_core.train.step_graph import StepGraph  # noqa: E402
 from kotodama_core.train.throughput import model_flops_per_token  # noqa: E402
 
 H100_PEAK = 989e12
@@ -375,7 +376,8 @@ def profile_step(args, attn_res: bool = True) -> dict:
     built from the same config as the project measurements (so --set applies), and by kernel family;
     also the device's busy time (union of kernel intervals) against its span, whose difference is the
     idle time the host leaves between kernels, and the synchronized wall time of the same loop run
-    without the profiler (`bare_step_ms`: no data loader, no logging)."""
+    without the profiler (`bare_step_ms`: no data loader, no logging). With train.cuda_graph set (--set)
+    the loop replays the step from the engine's StepGraph (name suffix `_graph`)."""
     from torch.profiler import ProfilerActivity, profile
 
     overrides = parse_overrides(args.set) if attn_res else {**parse_overrides(args.set), **attn_res_overrides(False)}
@@ -384,15 +386,24 @@ def profile_step(args, attn_res: bool = True) -> dict:
     model = KotodamaLM(cfg.model, attn_res_runtime=engine.attn_res_runtime(cfg.train)).to(args.device)
     opt = build_optimizer(model, cfg.optim)
     fwd = compile_forward(model, cfg.train.compile_scope)
-    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device=args.device)
+    ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1))
+    # train.cuda_graph (--set train.cuda_graph=true): the loop replays the step from the engine's graph
+    graph = StepGraph(opt, torch.device(args.device)) if cfg.train.cuda_graph else None
 
-    def step():
+    def body(batches):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = fwd(ids[:, :-1], ids[:, 1:])
+            loss, _ = fwd(batches[0][:, :-1], batches[0][:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach().reshape(1), norm
+
+    def step():
+        if graph is None:
+            body([ids.to(args.device, non_blocking=True)])
+        else:
+            graph.run("profile", 0, [ids], body)
 
     for _ in range(3):
         step()
@@ -417,7 +428,9 @@ def profile_step(args, attn_res: bool = True) -> dict:
     table_path = Path(args.profile_out) if attn_res else Path(args.profile_out).with_suffix(".no_attnres.txt")
     table_path.write_text(table)
     busy_us, span_us = device_busy_and_span([(start, end) for _, start, end in kernels])
-    return {"name": name, "bare_step_ms": round(bare_ms, 1),
+    if graph is not None and graph.failed:
+        raise RuntimeError(f"the step graph's capture failed: {graph.failed}")
+    return {"name": name + ("_graph" if graph is not None else ""), "bare_step_ms": round(bare_ms, 1),
             "cuda_ms_per_step": round(sum(end - start for _, start, end in kernels) / 3 / 1e3, 1),
             "kernels_per_step": round(len(kernels) / 3),
             "device_busy_ms_per_step": round(busy_us / 3 / 1e3, 1),
