@@ -156,6 +156,8 @@ def test_a_failed_capture_loses_no_step(capsys):
     eager_model, eager_norms, _ = runner(False)
     graphed_model, graphed_norms, graph = runner(True)
     assert graph.failed is not None and graph.graph is None
+    assert "not permitted" in graph.failed or "capturing" in graph.failed, graph.failed  # the step's own error
+    assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the capture's stream was left current"
     assert capsys.readouterr().out.count("capturing the step in a CUDA graph failed") == 1
     assert graphed_norms == pytest.approx(eager_norms, rel=1e-6)
     for a, b in zip(eager_model.parameters(), graphed_model.parameters()):

@@ -121,6 +121,7 @@ class StepGraph:
         t0 = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         cause: Exception | None = None
+        stream = torch.cuda.current_stream(self.device)
         try:
             # thread_local: a CUDA call from another thread of this process (a loader or writer thread)
             # does not invalidate the capture; the backward's launches join the capturing stream all the same.
@@ -131,7 +132,10 @@ class StepGraph:
                     cause = exc
                     raise
         except Exception as exc:
-            # Ending a capture that the step broke raises its own error; the step's says what broke it.
+            # Ending a capture that the step broke raises its own error, before torch.cuda.graph leaves
+            # its capture stream: go back to this stream, and report the step's error, which says what
+            # broke the capture.
+            torch.cuda.set_stream(stream)
             raise (cause or exc) from None
         self.graph, self.outputs = graph, outputs
         seconds = time.perf_counter() - t0
