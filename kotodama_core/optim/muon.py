@@ -140,9 +140,13 @@ class Muon(torch.optim.Optimizer):
         group = plan.group
         device = group["params"][0].device
         if grad_tables is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            # Inside another owner's capture (the engine's step graph) a fill would freeze this step's
-            # rate into the graph; that owner refills the slots before each replay (write_device_lrs).
             self._lr_slots(device)[index].fill_(group["lr"])
+        elif grad_tables is None and self._lrs is None:
+            # Inside another owner's capture (the engine's step graph) a fill would freeze this step's
+            # rate into the graph; that owner writes the slots before each replay (write_device_lrs).
+            raise RuntimeError("Muon is being captured in a CUDA graph but its learning rates are not on the "
+                               "device yet: call write_device_lrs() (HybridOptimizer.hold_lrs_on_device) "
+                               "before capturing")
         lr = self._lrs[index:index + 1]
         offset = 0
         for batch in plan.batches:
