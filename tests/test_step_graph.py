@@ -105,15 +105,22 @@ def test_cuda_graph_on_the_cpu_says_why_and_trains_as_without(tmp_path, markov_d
 
 
 @cuda
-@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled_layers"])
-def test_replayed_step_trains_as_the_eager_step(tmp_path, markov_data, capsys, compile_):
+@pytest.mark.parametrize("extra, captured_at", [
+    ({"train.compile": False}, [1]),
+    ({"train.compile": True, "train.compile_scope": "layers"}, [1]),
+    # QAT from step 3 switches the forward: one eager step on the new key, a new capture at step 4
+    ({"train.compile": False, "train.qat.enabled": True, "train.qat.start_fraction": 0.5}, [1, 4]),
+], ids=["eager", "compiled_layers", "qat_switch"])
+def test_replayed_step_trains_as_the_eager_step(tmp_path, markov_data, capsys, extra, captured_at):
     """Two micro-batches a step, the warm-up schedule changing the rate every step, a checkpoint at
     step 3: the graph (captured at step 1) must give the eager run's losses and gradient norms."""
-    extra = {"train.compile": compile_, "train.compile_scope": "layers"}
     eager = _losses(_engine_run(tmp_path, markov_data, "eager", "cuda", **extra))
     graphed_records = _engine_run(tmp_path, markov_data, "graphed", "cuda", **{"train.cuda_graph": True, **extra})
     out = capsys.readouterr().out
-    assert "step 1: the step is captured in a CUDA graph" in out and "failed" not in out
+    assert "failed" not in out, out
+    assert [int(line.split("step ")[1].split(":")[0]) for line in out.splitlines()
+            if "the step is captured in a CUDA graph" in line] == captured_at
+    assert [r["step"] for r in graphed_records if "cuda_graph_capture_s" in r] == captured_at
     graphed = _losses(graphed_records)
     assert [s for s, *_ in graphed] == [s for s, *_ in eager]
     for (_, loss_e, norm_e), (_, loss_g, norm_g) in zip(eager, graphed):
