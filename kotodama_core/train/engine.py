@@ -17,10 +17,10 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any, Callable
 
 import torch
