@@ -319,23 +319,24 @@ def kernel_ms_by_family(kernels: list[tuple[str, float, float]], steps: int = 1)
 def graphed_step_ms(opt) -> float:
     """Median time of the hybrid step as train.cuda_graph runs it inside the step's graph: the rates held
     on the device (HybridOptimizer.hold_lrs_on_device), rewritten by set_lr_multiplier, then the replay
-    of the captured optimizer step. Leaves `opt` holding its rates on the device."""
-    opt.hold_lrs_on_device()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    of the optimizer step captured by the engine's StepGraph (its first two calls, the eager warm-up and
+    the capture, fall in _median_ms's warm-up). Leaves `opt` holding its rates on the device."""
+    device = opt.param_groups[0]["params"][0].device
+    graph = StepGraph(opt, device)
+    nothing = torch.zeros(1, device=device)
+
+    def body(_batches):
+        opt.step()  # the gradients stay: the bench set them once
+        return nothing, nothing
 
     def step() -> None:
         opt.set_lr_multiplier(0.5)
-        graph.replay()
+        graph.run("optimizer", 0, [], body)
 
-    return _median_ms(step, "cuda")
+    ms = _median_ms(step, "cuda")
+    if graph.failed:
+        raise RuntimeError(f"the optimizer step's capture failed: {graph.failed}")
+    return ms
 
 
 # Kernel families of the profile summary, first match wins (names as the CUDA profiler reports them).

@@ -66,12 +66,12 @@ class StepGraph:
 
     def run(self, key: Hashable, step: int, batches: Sequence[Tensor], body: StepBody) -> tuple[Tensor, Tensor]:
         if self.failed is not None:
-            return body([b.to(self.device, non_blocking=True) for b in batches])
+            return body(self._on_device(batches))
         if key != self.key:
             self.key, self.graph, self.outputs, self.warm = key, None, None, 0
         if self.graph is None and self.warm < WARMUP_STEPS:
             self.warm += 1
-            return self._warm_up(body, [b.to(self.device, non_blocking=True) for b in batches])
+            return self._warm_up(body, self._on_device(batches))
         views = self._load(batches)
         if self.graph is None:
             try:
@@ -87,6 +87,9 @@ class StepGraph:
         self.graph.replay()
         mean, grad_norm = self.outputs
         return mean.clone(), grad_norm.clone()  # the next replay overwrites the graph's own outputs
+
+    def _on_device(self, batches: Sequence[Tensor]) -> list[Tensor]:
+        return [b.to(self.device, non_blocking=True) for b in batches]
 
     def _warm_up(self, body: StepBody, batches: list[Tensor]) -> tuple[Tensor, Tensor]:
         # On a side stream, as for any capture: what the warm-up initializes lazily is then not tied to
@@ -108,10 +111,10 @@ class StepGraph:
         one tensor: a slice can start off the 16-byte alignment a fresh tensor has, and Inductor guards
         its kernels on that alignment, so the capture would recompile."""
         like = [(tuple(b.shape), b.dtype) for b in batches]
-        if self.inputs is None or [(tuple(t.shape), t.dtype) for t in self.inputs] != like:
+        held = None if self.inputs is None else [(tuple(t.shape), t.dtype) for t in self.inputs]
+        if held != like:
             if self.graph is not None:
-                raise RuntimeError(f"the captured step reads {len(self.inputs)} micro-batches of "
-                                   f"{tuple(self.inputs[0].shape)}, this step brought {len(like)} of {like[0][0]}")
+                raise RuntimeError(f"the captured step reads micro-batches {held}, this step brought {like}")
             self.inputs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in like]
         for slot, batch in zip(self.inputs, batches):
             slot.copy_(batch, non_blocking=True)
